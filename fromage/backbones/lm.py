@@ -1,0 +1,125 @@
+"""A frozen Hugging Face causal LM behind the small interface FROMAGe needs.
+
+Any `AutoModelForCausalLM` works (OPT, GPT-2, Llama/SmolLM2, Qwen, …), tied or untied head.
+The wrapper never trains: parameters have `requires_grad=False` and the module stays in eval
+mode whatever `.train()` is called with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# Attribute names of the final norm on the decoder stack, per architecture family.
+_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
+
+
+@dataclass
+class LMOutput:
+    last_hidden: torch.Tensor
+    """(B, T, d) last layer, after the final norm: what the output head reads."""
+    selected_hidden: torch.Tensor
+    """(B, T, d) the `ret_layer` hidden state after the final norm (== last_hidden for -1)."""
+    cache: Any
+    """Key/value cache to continue decoding from (None unless asked for)."""
+
+
+class FrozenLM(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.base = model.base_model  # decoder stack without the head
+        embeddings = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        if embeddings is None or head is None:
+            raise ValueError(f"{type(model).__name__} has no input embeddings or output head")
+        self.embeddings: nn.Embedding = embeddings  # type: ignore[assignment]
+        self.head: nn.Module = head
+        self.tied = head.weight.data_ptr() == embeddings.weight.data_ptr()
+        config = model.config
+        self.hidden_size = int(embeddings.weight.shape[1])
+        self.vocab_size = int(embeddings.weight.shape[0])
+        self.num_layers = int(
+            getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+        )
+        self.final_norm = _find_final_norm(self.base)
+        # Some heads (OPT-350m) read a projected hidden state; we only support heads that read
+        # the hidden size directly, which is every model that ties input and output.
+        head_in = int(head.weight.shape[1])
+        if head_in != self.hidden_size:
+            raise ValueError(
+                f"output head reads {head_in}-d states but hidden size is {self.hidden_size}"
+            )
+
+    def train(self, mode: bool = True) -> FrozenLM:
+        # Frozen by construction: dropout never switches on.
+        super().train(False)
+        return self
+
+    @property
+    def embedding_weight(self) -> torch.Tensor:
+        return self.embeddings.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids → (B, T, d) frozen input embeddings."""
+        return self.embeddings(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(…, d) normed hidden states → (…, V) frozen vocabulary logits."""
+        return self.head(hidden)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool = False,
+        ret_layer: int = -1,
+    ) -> LMOutput:
+        want_layer = ret_layer not in (-1, self.num_layers)
+        if want_layer and not 0 < ret_layer < self.num_layers:
+            raise ValueError(f"ret_layer must be -1 or in 1..{self.num_layers}, got {ret_layer}")
+        if want_layer and self.final_norm is None:
+            raise ValueError(
+                f"{type(self.model).__name__}: cannot find the final norm to read layer {ret_layer}"
+            )
+        kwargs: dict[str, Any] = {
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "use_cache": use_cache,
+            "output_hidden_states": want_layer,
+        }
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if cache is not None:
+            kwargs["cache"] = cache
+        out = self.base(**kwargs)
+        last = out.last_hidden_state
+        selected = last
+        if want_layer:
+            assert self.final_norm is not None
+            # hidden_states[0] is the embedding output; [n] is decoder layer n's output.
+            selected = self.final_norm(out.hidden_states[ret_layer])
+        return LMOutput(last, selected, getattr(out, "cache", None) if use_cache else None)
+
+
+def _find_final_norm(base: nn.Module) -> nn.Module | None:
+    for holder in (base, getattr(base, "decoder", None)):
+        if holder is None:
+            continue
+        for name in _FINAL_NORM_NAMES:
+            module = getattr(holder, name, None)
+            if isinstance(module, nn.Module):
+                return module
+    return None

@@ -1,0 +1,76 @@
+"""`fromage …` commands. Thin: each subcommand parses arguments and calls a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import TrainConfig, apply_overrides, load_json
+
+
+def _split_overrides(extra: Sequence[str]) -> dict[str, str]:
+    """`--key value` / `--key=value` pairs after the known flags → {"key": "value"}."""
+    out: dict[str, str] = {}
+    items = list(extra)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--"):
+            raise SystemExit(f"fromage train: unexpected argument {item!r} (settings are --key value)")
+        key = item[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(items):
+                raise SystemExit(f"fromage train: setting --{key} needs a value")
+            value = items[i + 1]
+            i += 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from .train import train
+
+    config = load_json(TrainConfig, args.config) if args.config else TrainConfig()
+    config = apply_overrides(config, _split_overrides(extra))
+    result = train(config)
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"steps: {result.step}  samples/s: {result.samples_per_second:.1f}")
+    print(f"trainable parameters: {result.trainable_parameters:,}")
+    print(f"peak resident memory: {result.peak_rss_mb:.0f} MB")
+    print(f"data: {result.bad_inputs}")
+    print(json.dumps(result.metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fromage", description="FROMAGe: frozen LMs grounded to images.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "train",
+        help="train the maps and [RET] (default: the offline emoji + easy-VQA recipe)",
+        description="Train FROMAGe. Any setting can follow as --key value, e.g. --max-steps 100 "
+        "--model.num-visual-tokens 1 --data.sources '[\"data.tsv\"]'.",
+    )
+    p.add_argument("--config", help="JSON file with a TrainConfig (overrides still apply)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "train":
+        return cmd_train(args, extra)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

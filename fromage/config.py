@@ -1,0 +1,254 @@
+"""Typed configuration: model, training and data settings with a JSON round-trip.
+
+This module imports nothing from the package. Every config is a dataclass validated in
+``__post_init__``; names of backbones are strings, never classes, so a config saved next to
+the weights can rebuild the model anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Names that resolve to the offline defaults shipped through package registries (DESIGN §7).
+EMBEDDED_LM = "smollm2-135m"
+EMBEDDED_ENCODER = "efficientnet-lite0"
+
+
+@dataclass
+class LMConfig:
+    """The frozen causal language model."""
+
+    name: str = EMBEDDED_LM
+    """`smollm2-135m` (embedded, offline), a Hugging Face model id or a local directory."""
+    dtype: str = "float32"
+    """Weights dtype of the frozen LM: float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        _check_choice("lm.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen image encoder; it turns one image into one pooled feature vector."""
+
+    name: str = EMBEDDED_ENCODER
+    """`efficientnet-lite0` (embedded), or a Hugging Face vision model id / local directory
+    (CLIP vision tower, SigLIP, DINOv2, ViT: anything with a pooled output)."""
+    image_size: int = 224
+    """Side of the square the image is resized to (embedded encoder only; HF encoders use
+    their own processor settings unless this is set explicitly for them)."""
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ValueError(f"encoder.image_size must be >= 8, got {self.image_size}")
+
+
+@dataclass
+class ModelConfig:
+    """FROMAGe: frozen LM + frozen encoder + three linear maps, `[RET]` and a temperature."""
+
+    lm: LMConfig = field(default_factory=LMConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    num_visual_tokens: int = 4
+    """k: LM input embeddings produced per image (paper: 1)."""
+    retrieval_dim: int = 256
+    """Size of the shared retrieval space."""
+    ret_layer: int = -1
+    """Which LM hidden state feeds the text→retrieval map: -1 is the last layer (paper);
+    a layer number n uses the output of decoder layer n passed through the final norm."""
+    feature_dropout: float = 0.0
+    """Dropout on (standardised) image features before the retrieval map, in training."""
+    logit_scale_init: float = math.log(1 / 0.07)
+    ret_norm_rescale: bool = True
+    """After each step, rescale `[RET]`'s embedding to the mean norm of the frozen rows."""
+    # Filled in when the model is built from real backbones; checked when a checkpoint loads.
+    feature_dim: int = 0
+    hidden_size: int = 0
+    vocab_size: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lm, dict):
+            self.lm = _from_dict(LMConfig, self.lm)
+        if isinstance(self.encoder, dict):
+            self.encoder = _from_dict(EncoderConfig, self.encoder)
+        if self.num_visual_tokens < 1:
+            raise ValueError(f"num_visual_tokens must be >= 1, got {self.num_visual_tokens}")
+        if self.retrieval_dim < 1:
+            raise ValueError(f"retrieval_dim must be >= 1, got {self.retrieval_dim}")
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
+
+
+@dataclass
+class DataConfig:
+    """What to train on."""
+
+    sources: list[str] = field(default_factory=lambda: ["emoji", "easyvqa"])
+    """Built-in sets (`emoji`, `easyvqa`) and/or paths to a TSV (`caption<TAB>image`) or JSONL file."""
+    image_dir: str = ""
+    """Directory that relative image paths of TSV/JSONL files resolve against (default: the file's)."""
+    max_caption_tokens: int = 24
+    max_bad_fraction: float = 0.01
+    """Stop with an error when more than this share of examples is unreadable."""
+    heldout_concept_fraction: float = 0.1
+    """Emoji concepts never trained on (held out for evaluation)."""
+    easyvqa_per_class: int = 40
+    """easy-VQA training images kept per (colour, shape) caption; 0 keeps all 4,000."""
+    augment_views: int = 0
+    """Extra augmented renderings per training image whose features are cached too."""
+    dialogue_fraction: float = 0.0
+    """Share of easy-VQA retrieval-pass queries written as a Q/A dialogue instead of a caption."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not 0.0 <= self.heldout_concept_fraction < 1.0:
+            raise ValueError(
+                f"heldout_concept_fraction must be in [0, 1), got {self.heldout_concept_fraction}"
+            )
+        if not self.sources:
+            raise ValueError("data.sources is empty: name at least one dataset")
+
+
+@dataclass
+class TrainConfig:
+    """The training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 1000
+    max_minutes: float = 0.0
+    """Stop (and save) after this much wall time; 0 = no limit."""
+    batch_size: int = 64
+    """Captioning-pass batch."""
+    retrieval_batch_size: int = 256
+    """Retrieval-pass (contrastive) batch; its prefix runs without autograd, so it can be larger."""
+    grad_accum_steps: int = 1
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    interleave_prob: float = 0.5
+    """Probability per step of packing consecutive caption pairs into one sequence."""
+    caption_loss_weight: float = 1.0
+    retrieval_lm_loss_weight: float = 1.0
+    contrastive_loss_weight: float = 1.0
+    precision: str = "auto"
+    """auto (bf16 on CUDA with bf16 support, else fp32), fp32 or bf16."""
+    device: str = "auto"
+    eval_every: int = 200
+    save_every: int = 500
+    log_every: int = 10
+    resume: bool = True
+    """Continue from `output_dir/train_state` when it exists."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = _from_dict(ModelConfig, self.model)
+        if isinstance(self.data, dict):
+            self.data = _from_dict(DataConfig, self.data)
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        _check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        for name in ("max_steps", "batch_size", "retrieval_batch_size", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.interleave_prob <= 1.0:
+            raise ValueError(f"interleave_prob must be in [0, 1], got {self.interleave_prob}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as plain JSON-able values."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return cls(**data)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a config from a dict; unknown keys are an error (they are usually typos)."""
+    return _from_dict(cls, data)
+
+
+def save_json(config: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+def apply_overrides(config: T, overrides: dict[str, str]) -> T:
+    """Set dotted keys (`model.num_visual_tokens=2`, `lr=1e-3`) from strings, typed by the field."""
+    data = to_dict(config)
+    for dotted, raw in overrides.items():
+        parts = dotted.replace("-", "_").split(".")
+        cls: Any = type(config)
+        node = data
+        for i, part in enumerate(parts):
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in fields:
+                where = ".".join(parts[:i]) or type(config).__name__
+                raise ValueError(f"unknown setting {dotted!r}: {where} has no field {part!r}")
+            hint = typing.get_type_hints(cls)[part]
+            if i == len(parts) - 1:
+                node[part] = _parse_value(dotted, raw, hint)
+            else:
+                if not dataclasses.is_dataclass(hint):
+                    raise ValueError(f"setting {dotted!r}: {part!r} is not a group of settings")
+                cls = hint
+                node = node[part]
+    return from_dict(type(config), data)
+
+
+def _parse_value(name: str, raw: str, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"setting {name!r} expects true/false, got {raw!r}")
+    if hint is int or hint is float:
+        try:
+            return hint(raw)
+        except ValueError:
+            raise ValueError(f"setting {name!r} expects {hint.__name__}, got {raw!r}") from None
+    if hint is str:
+        return raw
+    if origin in (list, tuple) or isinstance(hint, types.GenericAlias):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = [v for v in raw.split(",") if v]
+        if not isinstance(value, list):
+            value = [value]
+        return value
+    raise ValueError(f"setting {name!r} cannot be set from the command line")

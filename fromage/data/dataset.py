@@ -1,0 +1,129 @@
+"""From a `DataConfig` to training/validation examples with cached frozen features."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones.vision import FrozenImageEncoder
+from ..config import DataConfig
+from ..images import ImageError, load_image
+from ..paths import subdir
+from .augment import restyle
+from .builtin import easyvqa_examples, emoji_examples
+from .examples import Example
+from .features import FeatureCache, file_digest
+from .readers import BadInputLog, read_collection
+
+
+@dataclass
+class Split:
+    examples: list[Example]
+    features: torch.Tensor
+    """(V, N, F): view 0 is the image itself, views 1.. are augmented renderings."""
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def build_examples(config: DataConfig, bad: BadInputLog) -> tuple[list[Example], dict[str, list[Example]]]:
+    """Training examples and named validation sets for the configured sources."""
+    train: list[Example] = []
+    val: dict[str, list[Example]] = {}
+    for source in config.sources:
+        if source == "emoji":
+            frac = config.heldout_concept_fraction
+            train += emoji_examples("google", "train", frac)
+            # Galleries hold every concept; queries are scored per trained/held-out concept.
+            val["emoji-google"] = emoji_examples("google", "all", frac)
+            val["emoji-twitter"] = emoji_examples("twitter", "all", frac)
+        elif source == "easyvqa":
+            train += easyvqa_examples("train", config.easyvqa_per_class)
+            val["easyvqa-test"] = easyvqa_examples("test", 4)
+        else:
+            path = Path(source)
+            if not path.exists():
+                raise FileNotFoundError(f"data source {source!r} is neither a built-in set nor a file")
+            rows = read_collection(path, config.image_dir or None, bad)
+            # A stable 1% (at most 500) of a file's rows is held out for validation.
+            held = [r for r in rows if _bucket(r.image) < 100][:500]
+            held_set = {id(r) for r in held}
+            train += [r for r in rows if id(r) not in held_set]
+            if held:
+                val[path.stem] = held
+    if not train:
+        raise ValueError(f"no training examples in sources {config.sources}")
+    return train, val
+
+
+def _bucket(key: str) -> int:
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 10_000
+
+
+def extract_features(
+    examples: Sequence[Example],
+    encoder: FrozenImageEncoder,
+    bad: BadInputLog,
+    views: int = 0,
+    cache: FeatureCache | None = None,
+    desc: str = "features",
+    batch_size: int = 8,
+) -> Split:
+    """Encode each example's image (plus `views` augmented renderings) once, through the cache.
+    Unreadable images are counted in `bad` and dropped from the returned split."""
+    cache = cache or FeatureCache(subdir("features"), encoder.encoder_id)
+    digests: list[str | None] = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for example, digest in zip(examples, pool.map(_safe_digest, [e.image for e in examples])):
+            if digest is None:
+                bad.add("unreadable image", f"{example.image}: cannot read file")
+            digests.append(digest)
+    kept = [i for i, d in enumerate(digests) if d is not None]
+    keys = [[f"{digests[i]}:{v}" for i in kept] for v in range(views + 1)]
+    todo = [(v, j) for v in range(views + 1) for j, key in enumerate(keys[v]) if key not in cache]
+    broken: set[int] = set()
+    if todo:
+        bar = tqdm(total=len(todo), desc=desc, unit="img", leave=False)
+        for start in range(0, len(todo), 256):
+            part = todo[start : start + 256]
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                images = list(pool.map(lambda vj: _render(examples[kept[vj[1]]], vj[0], digests[kept[vj[1]]]), part))
+            ok = [(vj, img) for vj, img in zip(part, images) if img is not None]
+            for vj, img in zip(part, images):
+                if img is None and vj[1] not in broken:
+                    broken.add(vj[1])
+                    bad.add("undecodable image", f"{examples[kept[vj[1]]].image}: cannot decode image")
+            if ok:
+                feats = torch.cat(
+                    [encoder.encode([img for _, img in ok[s : s + batch_size]]) for s in range(0, len(ok), batch_size)]
+                )
+                cache.put([keys[v][j] for (v, j), _ in ok], feats)
+            bar.update(len(part))
+        bar.close()
+    good = [j for j in range(len(kept)) if j not in broken]
+    table = torch.stack([cache.get([keys[v][j] for j in good]) for v in range(views + 1)])
+    return Split([examples[kept[j]] for j in good], table)
+
+
+def _safe_digest(path: str) -> str | None:
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
+
+
+def _render(example: Example, view: int, digest: str | None):
+    try:
+        image = load_image(example.image)
+    except ImageError:
+        return None
+    if view == 0:
+        return image
+    return restyle(image, random.Random(f"{digest}:{view}"))

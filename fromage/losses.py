@@ -1,0 +1,75 @@
+"""Pure loss functions. Imports nothing from the package.
+
+- `caption_loss`: next-token cross-entropy on the positions that have a label.
+- `ret_token_loss`: the retrieval pass's LM loss when only the `[RET]` logit is trainable, from
+  frozen log-sum-exps and target logits computed without autograd (exactly the full CE).
+- `contrastive_loss`: symmetric InfoNCE with in-batch negatives, gathered across processes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N, V+1) logits at labelled positions, (N,) target ids → mean cross-entropy."""
+    return F.cross_entropy(logits.float(), targets)
+
+
+def ret_token_loss(
+    frozen_lse: torch.Tensor,
+    frozen_target_logit: torch.Tensor,
+    ret_logit: torch.Tensor,
+    target_is_ret: torch.Tensor,
+) -> torch.Tensor:
+    """Cross-entropy over V+1 classes where only the `[RET]` logit carries gradient.
+
+    All inputs are (N,): logsumexp of the frozen V logits, the frozen logit of the target (any
+    value where the target is `[RET]`), the `[RET]` logit, and whether `[RET]` is the target.
+    """
+    lse = torch.logaddexp(frozen_lse.float(), ret_logit.float())
+    target = torch.where(target_is_ret, ret_logit.float(), frozen_target_logit.float())
+    return (lse - target).mean()
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 across processes; gradients flow to the local shard only."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, dim=0)
+
+
+def contrastive_loss(
+    text: torch.Tensor,
+    image: torch.Tensor,
+    logit_scale: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    max_scale: float = 100.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE between (B, R) unit text and image embeddings, row i matching row i.
+
+    `groups` (B,) marks pairs that describe the same thing (equal ids): such off-diagonal pairs
+    are not used as negatives (easy-VQA has 24 captions over thousands of images).
+    Returns (loss, (B, B) text→image logits). Under data parallelism both sides are gathered.
+    """
+    text = gather_with_grad(text)
+    image = gather_with_grad(image)
+    if groups is not None:
+        groups = gather_with_grad(groups)
+    n = text.shape[0]
+    if image.shape[0] != n:
+        raise ValueError(f"{n} text embeddings but {image.shape[0]} image embeddings")
+    scale = logit_scale.exp().clamp(max=max_scale)
+    logits = scale * text.float() @ image.float().T  # (B, B)
+    if groups is not None:
+        same = groups[:, None] == groups[None, :]
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+    labels = torch.arange(n, device=logits.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return loss, logits

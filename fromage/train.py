@@ -1,0 +1,367 @@
+"""The training loop (DESIGN §3), top to bottom.
+
+Each step runs (1) the captioning pass `[img][BOS] caption [EOS]` — with probability
+`interleave_prob` two pairs packed per row — and (2) the retrieval pass `[BOS] caption [RET]`
+with the LM loss including `[RET]` and symmetric InfoNCE. Image features come from the disk
+cache (the frozen encoder runs once per image and view, never per step). Only the three maps,
+`[RET]` and the temperature are in the optimiser.
+
+Writes `output_dir/checkpoint/` (config.json + model.safetensors: trained tensors only),
+`output_dir/train_state/` (optimiser, schedule, RNG, step, data position) and
+`output_dir/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbones import load_encoder, load_lm
+from .checkpoint import atomic_write_bytes, save_model
+from .config import TrainConfig, save_json, to_dict
+from .data.collate import SpecialTokens, caption_batch, retrieval_prefix_batch, tokenize_captions
+from .data.dataset import Split, build_examples, extract_features
+from .data.readers import BadInputLog
+from .losses import caption_loss, contrastive_loss, ret_token_loss
+from .model import FromageModel, TextPrefix
+from .validation import validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path
+    metrics: dict[str, float]
+    trainable_parameters: int
+    peak_rss_mb: float
+    samples_per_second: float
+    bad_inputs: str
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    if config.precision == "bf16":
+        return True
+    if config.precision == "fp32":
+        return False
+    # On CPUs here bf16 made the backward pass slower (DESIGN §7): auto means CUDA only.
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class EpochSampler:
+    """Shuffled passes over N items; its position is part of the resumable state."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, count: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < count:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            take = min(count - len(out), self.n - self.pos)
+            out += self._order[self.pos : self.pos + take]
+            self.pos += take
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._shuffle()
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak by `max_steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def precompute_prefixes(
+    model: FromageModel, texts: list[list[int]], special: SpecialTokens, chunk: int = 64
+) -> TextPrefix:
+    """The frozen part of the retrieval pass for each text, computed once (row i ↔ texts[i]).
+    Texts are run in length order so little compute goes to padding."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    parts = []
+    for start in tqdm(range(0, len(order), chunk), desc="text prefixes", leave=False):
+        rows = order[start : start + chunk]
+        ids, mask = retrieval_prefix_batch([texts[i] for i in rows], special)
+        device = model.ret_embedding.device
+        parts.append(model.encode_text_prefix(ids.to(device), mask.to(device)))
+    table = TextPrefix.cat(parts)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return table.select(inverse)
+
+
+def train_step(
+    model: FromageModel,
+    split: Split,
+    texts: list[list[int]],
+    prefixes: TextPrefix,
+    text_of_example: torch.Tensor,
+    group_ids: torch.Tensor,
+    caption_idx: list[int],
+    retrieval_idx: list[int],
+    special: SpecialTokens,
+    interleave: bool,
+    config: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    scale: float = 1.0,
+) -> dict[str, float]:
+    """Both passes on one micro-batch; backward with `scale` (1 / accumulation steps)."""
+    views = split.features.shape[0]
+
+    def features(idx: list[int]) -> torch.Tensor:
+        view = torch.randint(0, views, (len(idx),), generator=generator)
+        return split.features[view, torch.tensor(idx)].to(device)
+
+    # (1) captioning pass: full backward through the LM into the visual tokens.
+    batch = caption_batch([texts[i] for i in caption_idx], model.config.num_visual_tokens, special, interleave)
+    cap_feats = features([caption_idx[j] for j in batch.image_order])
+    logits, targets = model.caption_forward(
+        batch.input_ids.to(device), batch.attention_mask.to(device), cap_feats, batch.labels.to(device)
+    )
+    loss_cap = caption_loss(logits, targets)
+
+    # (2) retrieval pass: the prefix runs without autograd; only [RET] carries gradients.
+    ret = model.retrieval_from_prefix(prefixes.select(text_of_example[torch.tensor(retrieval_idx)]))
+    loss_ret_lm = ret_token_loss(ret.frozen_lse, ret.frozen_target_logit, ret.ret_logit, ret.target_is_ret)
+    text_emb = model.text_embeddings(ret.ret_hidden)
+    image_emb = model.image_embeddings(features(retrieval_idx))
+    groups = group_ids[torch.tensor(retrieval_idx)].to(device)
+    loss_con, con_logits = contrastive_loss(text_emb, image_emb, model.logit_scale, groups)
+
+    total = (
+        config.caption_loss_weight * loss_cap
+        + config.retrieval_lm_loss_weight * loss_ret_lm
+        + config.contrastive_loss_weight * loss_con
+    )
+    (total * scale).backward()
+    return {
+        "loss": float(total),
+        "caption_loss": float(loss_cap),
+        "ret_lm_loss": float(loss_ret_lm),
+        "contrastive_loss": float(loss_con),
+        "contrastive_acc": float((con_logits.argmax(1) == torch.arange(len(retrieval_idx), device=device)).float().mean()),
+    }
+
+
+def train(config: TrainConfig) -> TrainResult:
+    start_time = time.time()
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    bf16 = use_bf16(config, device)
+    if bf16:
+        config.model.lm.dtype = "bfloat16"
+
+    lm, tokenizer = load_lm(config.model.lm, device=device)
+    encoder = load_encoder(config.model.encoder, device=device)
+    special = SpecialTokens.from_tokenizer(tokenizer)
+
+    bad = BadInputLog()
+    train_examples, val_examples = build_examples(config.data, bad)
+    split = extract_features(train_examples, encoder, bad, views=config.data.augment_views, desc="train features")
+    val_splits = {name: extract_features(ex, encoder, bad, desc=f"{name} features") for name, ex in val_examples.items()}
+    seen = len(train_examples) + sum(len(v) for v in val_examples.values())
+    bad.check(seen, config.data.max_bad_fraction)
+    log.info("data: %d training examples; %s", len(split), bad.summary())
+
+    max_tokens = config.data.max_caption_tokens
+    texts = tokenize_captions(tokenizer, [e.caption for e in split.examples], max_tokens)
+    val_texts = {n: tokenize_captions(tokenizer, [e.caption for e in s.examples], max_tokens) for n, s in val_splits.items()}
+    group_index: dict[str, int] = {}
+    group_ids = torch.tensor([group_index.setdefault(e.group or f"#{i}", len(group_index)) for i, e in enumerate(split.examples)])
+
+    model = FromageModel(config.model, lm, encoder).to(device)
+    model.set_feature_stats(split.features[0])
+    # Captions repeat (easy-VQA has 24): the frozen prefix is computed once per distinct text.
+    text_index: dict[tuple[int, ...], int] = {}
+    text_of_example = torch.tensor([text_index.setdefault(tuple(t), len(text_index)) for t in texts])
+    prefixes = precompute_prefixes(model, [list(t) for t in text_index], special)
+    params = model.trainable_parameters()
+    n_trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    caption_sampler = EpochSampler(len(split), config.seed)
+    retrieval_sampler = EpochSampler(len(split), config.seed + 1)
+    generator = torch.Generator().manual_seed(config.seed)
+    step = 0
+
+    state_dir = out_dir / "train_state"
+    if config.resume and (state_dir / "state.pt").exists():
+        step = _load_state(state_dir, model, optimizer, caption_sampler, retrieval_sampler, generator)
+        log.info("resumed from step %d", step)
+    save_json(config, out_dir / "train_config.json")
+
+    log.info("trainable parameters: %d (%.2f M)", n_trainable, n_trainable / 1e6)
+    metrics_file = open(out_dir / "metrics.jsonl", "a")
+    writer = _tensorboard(out_dir)
+    bar = tqdm(total=config.max_steps, initial=step, desc="train", unit="step")
+    samples = 0
+    loop_start = time.time()
+    last: dict[str, float] = {}
+    model.train()
+    while step < config.max_steps:
+        if config.max_minutes and (time.time() - start_time) / 60 > config.max_minutes:
+            log.info("time limit of %.1f min reached at step %d", config.max_minutes, step)
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        interleave = random.random() < config.interleave_prob
+        optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for _ in range(config.grad_accum_steps):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                parts.append(
+                    train_step(
+                        model, split, texts, prefixes, text_of_example, group_ids,
+                        caption_sampler.take(config.batch_size),
+                        retrieval_sampler.take(config.retrieval_batch_size),
+                        special, interleave, config, generator, device, 1.0 / config.grad_accum_steps,
+                    )
+                )
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        if config.model.ret_norm_rescale:
+            model.rescale_ret_embedding()
+        step += 1
+        samples += config.batch_size * config.grad_accum_steps
+        last = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+        last.update(grad_norm=float(grad_norm), lr=lr_at(step - 1, config))
+        rate = samples / max(time.time() - loop_start, 1e-9)
+        bar.set_postfix(loss=f"{last['loss']:.3f}", samples_s=f"{rate:.1f}")
+        bar.update(1)
+        if step % config.log_every == 0 or step == config.max_steps:
+            _log(metrics_file, writer, step, {**last, "samples_per_s": rate})
+        if step % config.eval_every == 0 and step < config.max_steps:
+            _log(metrics_file, writer, step, _validate_all(model, val_splits, val_texts, special, tokenizer, config, False))
+        if step % config.save_every == 0 and step < config.max_steps:
+            _save(out_dir, model, optimizer, caption_sampler, retrieval_sampler, generator, step, config)
+    bar.close()
+    rate = samples / max(time.time() - loop_start, 1e-9)
+    _save(out_dir, model, optimizer, caption_sampler, retrieval_sampler, generator, step, config)
+    final = _validate_all(model, val_splits, val_texts, special, tokenizer, config, True)
+    summary = {
+        **final,
+        "step": step,
+        "trainable_parameters": n_trainable,
+        "peak_rss_mb": peak_rss_mb(),
+        "samples_per_s": rate,
+        "wall_minutes": (time.time() - start_time) / 60,
+        "bad_inputs": bad.total,
+    }
+    _log(metrics_file, writer, step, summary)
+    metrics_file.close()
+    if writer is not None:
+        writer.close()
+    atomic_write_bytes(out_dir / "summary.json", (json.dumps({**summary, "bad_input_kinds": dict(bad.counts)}, indent=2) + "\n").encode())
+    return TrainResult(step, out_dir / "checkpoint", final, n_trainable, peak_rss_mb(), rate, bad.summary())
+
+
+def _validate_all(model, val_splits, val_texts, special, tokenizer, config: TrainConfig, captions: bool) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, split in val_splits.items():
+        if not len(split):
+            continue
+        metrics = validate(
+            model, name, split, val_texts[name], special, tokenizer,
+            config.data.heldout_concept_fraction, captions=captions,
+        )
+        out.update({f"val/{name}/{k}": v for k, v in metrics.items()})
+    return out
+
+
+def _log(file, writer, step: int, values: dict[str, Any]) -> None:
+    file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+    file.flush()
+    if writer is not None:
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                writer.add_scalar(k, v, step)
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    try:
+        return SummaryWriter(str(out_dir / "tensorboard"))
+    except Exception:  # tensorboard missing or broken: metrics.jsonl still has everything
+        return None
+
+
+def _save(out_dir: Path, model, optimizer, caption_sampler, retrieval_sampler, generator, step: int, config: TrainConfig) -> None:
+    save_model(model, out_dir / "checkpoint", extra={"step": step, "train_config": to_dict(config)})
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "generator": generator.get_state(),
+        "python_rng": list(random.getstate()[1]),
+        "numpy_rng": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "samplers": [caption_sampler.state(), retrieval_sampler.state()],
+        # The model's trained tensors are in the checkpoint; kept here too so the state is whole.
+        "model": model.trained_state_dict(),
+    }
+    state_dir = out_dir / "train_state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / f".state.pt.{os.getpid()}"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, state_dir / "state.pt")
+
+
+def _load_state(state_dir: Path, model, optimizer, caption_sampler, retrieval_sampler, generator) -> int:
+    state = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=True)
+    model.load_trained_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    generator.set_state(state["generator"])
+    random.setstate((3, tuple(state["python_rng"]), None))
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], state["numpy_rng"].numpy().astype(np.uint32), 624, 0, 0.0))
+    caption_sampler.load(state["samplers"][0])
+    retrieval_sampler.load(state["samplers"][1])
+    return int(state["step"])

@@ -1,0 +1,103 @@
+"""Embedding helpers and the metrics training reports: retrieval recall in both directions,
+caption token accuracy and exact greedy captions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .data.builtin import is_heldout
+from .data.collate import SpecialTokens, caption_batch, retrieval_prefix_batch
+from .data.dataset import Split
+from .generate import greedy_captions
+from .metrics import group_recall_at_k
+from .model import FromageModel
+
+
+@torch.no_grad()
+def embed_texts(
+    model: FromageModel, texts: Sequence[list[int]], special: SpecialTokens, batch_size: int = 256
+) -> torch.Tensor:
+    """Token lists → (N, R) retrieval embeddings of `[BOS] text [RET]`."""
+    device = model.ret_embedding.device
+    out = []
+    for start in range(0, len(texts), batch_size):
+        ids, mask = retrieval_prefix_batch(texts[start : start + batch_size], special)
+        ret = model.retrieval_forward(ids.to(device), mask.to(device))
+        out.append(model.text_embeddings(ret.ret_hidden).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_images(model: FromageModel, features: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    device = model.ret_embedding.device
+    return torch.cat(
+        [model.image_embeddings(features[s : s + batch_size].to(device)).cpu() for s in range(0, len(features), batch_size)]
+    )
+
+
+@torch.no_grad()
+def caption_token_accuracy(
+    model: FromageModel, split: Split, texts: Sequence[list[int]], special: SpecialTokens, batch_size: int = 128
+) -> float:
+    device = model.ret_embedding.device
+    right = total = 0
+    for start in range(0, len(split), batch_size):
+        batch = caption_batch(texts[start : start + batch_size], model.config.num_visual_tokens, special)
+        feats = split.features[0, start : start + batch_size][batch.image_order].to(device)
+        logits, targets = model.caption_forward(
+            batch.input_ids.to(device), batch.attention_mask.to(device), feats, batch.labels.to(device)
+        )
+        right += int((logits.argmax(-1) == targets).sum())
+        total += int(targets.numel())
+    return right / max(total, 1)
+
+
+def validate(
+    model: FromageModel,
+    name: str,
+    split: Split,
+    texts: Sequence[list[int]],
+    special: SpecialTokens,
+    tokenizer: object | None = None,
+    heldout_fraction: float = 0.1,
+    captions: bool = False,
+) -> dict[str, float]:
+    """Metrics on one validation split. The gallery is the whole split; for emoji the queries
+    are reported separately for trained and held-out concepts."""
+    was_training = model.training
+    model.eval()
+    try:
+        text_emb = embed_texts(model, texts, special)
+        image_emb = embed_images(model, split.features[0])
+        groups = [e.group for e in split.examples]
+        scores = text_emb @ image_emb.T  # (N, N) text → image
+        subsets: dict[str, list[int]] = {"": list(range(len(split)))}
+        if name.startswith("emoji"):
+            held = [is_heldout(e.caption, heldout_fraction) for e in split.examples]
+            subsets = {
+                "trained/": [i for i, h in enumerate(held) if not h],
+                "heldout/": [i for i, h in enumerate(held) if h],
+            }
+        metrics: dict[str, float] = {}
+        for prefix, rows in subsets.items():
+            if not rows:
+                continue
+            q_groups = [groups[i] for i in rows]
+            for k, v in group_recall_at_k(scores[rows], q_groups, groups).items():
+                metrics[f"{prefix}t2i_{k}"] = v
+            for k, v in group_recall_at_k(scores.T[rows], q_groups, groups).items():
+                metrics[f"{prefix}i2t_{k}"] = v
+        metrics["caption_token_acc"] = caption_token_accuracy(model, split, texts, special)
+        if captions and tokenizer is not None:
+            for prefix, rows in subsets.items():
+                if not rows:
+                    continue
+                generated = greedy_captions(model, split.features[0][rows], special)
+                decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)  # type: ignore[attr-defined]
+                exact = [d.strip().lower() == split.examples[i].caption.lower() for d, i in zip(decoded, rows)]
+                metrics[f"{prefix}caption_exact"] = sum(exact) / len(exact)
+        return metrics
+    finally:
+        model.train(was_training)
