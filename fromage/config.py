@@ -101,9 +101,9 @@ class DataConfig:
     """Stop with an error when more than this share of examples is unreadable."""
     heldout_concept_fraction: float = 0.1
     """Emoji concepts never trained on (held out for evaluation)."""
-    easyvqa_per_class: int = 40
+    easyvqa_per_class: int = 20
     """easy-VQA training images kept per (colour, shape) caption; 0 keeps all 4,000."""
-    augment_views: int = 0
+    augment_views: int = 1
     """Extra augmented renderings per training image whose features are cached too."""
     dialogue_fraction: float = 0.0
     """Share of easy-VQA retrieval-pass queries written as a Q/A dialogue instead of a caption."""
@@ -119,27 +119,33 @@ class DataConfig:
             raise ValueError("data.sources is empty: name at least one dataset")
 
 
+def embedded_recipe_model() -> ModelConfig:
+    """The default recipe's model: SmolLM2-135M + EfficientNet-Lite0, k = 4, `[RET]` read from
+    layer 25 of 30 (beat the last layer here, DESIGN §7), dropout on image features."""
+    return ModelConfig(num_visual_tokens=4, ret_layer=25, feature_dropout=0.5)
+
+
 @dataclass
 class TrainConfig:
-    """The training run."""
+    """The training run. Defaults are the offline recipe (`fromage train` with no arguments)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=embedded_recipe_model)
     data: DataConfig = field(default_factory=DataConfig)
     output_dir: str = "runs/default"
     seed: int = 0
-    max_steps: int = 1000
-    max_minutes: float = 0.0
+    max_steps: int = 100_000
+    max_minutes: float = 14.0
     """Stop (and save) after this much wall time; 0 = no limit."""
-    batch_size: int = 64
+    batch_size: int = 32
     """Captioning-pass batch."""
     retrieval_batch_size: int = 256
     """Retrieval-pass (contrastive) batch; its prefix runs without autograd, so it can be larger."""
     grad_accum_steps: int = 1
-    lr: float = 3e-4
+    lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     grad_clip: float = 1.0
     interleave_prob: float = 0.5
     """Probability per step of packing consecutive caption pairs into one sequence."""
@@ -149,8 +155,9 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 on CUDA with bf16 support, else fp32), fp32 or bf16."""
     device: str = "auto"
-    eval_every: int = 200
-    save_every: int = 500
+    eval_every: int = 0
+    """Validate every N steps (0: only at the end)."""
+    save_every: int = 100
     log_every: int = 10
     resume: bool = True
     """Continue from `output_dir/train_state` when it exists."""

@@ -42,8 +42,13 @@ def greedy_captions(
             done |= next_ids == special.eos
             if bool(done.all()):
                 break
-            step = model(next_ids[:, None], cache=cache, use_cache=True, compute_logits=False,
-                         position_ids=torch.full((b, 1), length, device=device))
+            step = model(
+                next_ids[:, None],
+                cache=cache,
+                use_cache=True,
+                compute_logits=False,
+                position_ids=torch.full((b, 1), length, device=device),
+            )
             cache = step.cache
             length += 1
             logits = model.lm.logits(step.last_hidden[:, -1])

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 from PIL import Image, UnidentifiedImageError
 
-ImageLike = Union[str, os.PathLike, Image.Image]
+ImageLike = str | os.PathLike | Image.Image
 
 # Decompression bombs: refuse images above this many pixels (PIL's own check warns at ~89M).
 MAX_PIXELS = 64_000_000

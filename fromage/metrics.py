@@ -19,7 +19,9 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (scores >= target_scores).sum(1) - 1
 
 
-def recall_at_k(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def recall_at_k(
+    scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     ranks = target_ranks(scores, targets)
     return {f"R@{k}": float((ranks < k).float().mean()) for k in ks}
 

@@ -130,6 +130,12 @@ class FromageModel(nn.Module):
 
         frozen = lm.embedding_weight.detach().float()
         self.register_buffer("frozen_row_norm", frozen.norm(dim=1).mean(), persistent=False)
+        # Visual tokens start with the frozen rows' per-dimension statistics (inputs are
+        # standardised features): default Linear init gives ~10x the norm of a real token,
+        # which the frozen LM reads as noise.
+        with torch.no_grad():
+            self.visual_map.weight.normal_(0.0, float(frozen.std()) / f**0.5)
+            self.visual_map.bias.copy_(frozen.mean(0).repeat(k))
         # [RET] starts at the centre of the frozen rows, at their typical norm.
         start = frozen.mean(0)
         start = start / start.norm().clamp_min(1e-8) * self.frozen_row_norm

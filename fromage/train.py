@@ -102,12 +102,13 @@ class EpochSampler:
         self._order = self._shuffle()
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak by `max_steps`."""
+def lr_at(step: int, config: TrainConfig, time_progress: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak at the end of the run: `max_steps`
+    or, with a time budget, `time_progress` (share of the budget used), whichever is further."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     span = max(1, config.max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    progress = min(1.0, max((step - config.warmup_steps) / span, time_progress))
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -153,7 +154,9 @@ def train_step(
         return split.features[view, torch.tensor(idx)].to(device)
 
     # (1) captioning pass: full backward through the LM into the visual tokens.
-    batch = caption_batch([texts[i] for i in caption_idx], model.config.num_visual_tokens, special, interleave)
+    batch = caption_batch(
+        [texts[i] for i in caption_idx], model.config.num_visual_tokens, special, interleave
+    )
     cap_feats = features([caption_idx[j] for j in batch.image_order])
     logits, targets = model.caption_forward(
         batch.input_ids.to(device), batch.attention_mask.to(device), cap_feats, batch.labels.to(device)
@@ -175,11 +178,13 @@ def train_step(
     )
     (total * scale).backward()
     return {
-        "loss": float(total),
-        "caption_loss": float(loss_cap),
-        "ret_lm_loss": float(loss_ret_lm),
-        "contrastive_loss": float(loss_con),
-        "contrastive_acc": float((con_logits.argmax(1) == torch.arange(len(retrieval_idx), device=device)).float().mean()),
+        "loss": float(total.detach()),
+        "caption_loss": float(loss_cap.detach()),
+        "ret_lm_loss": float(loss_ret_lm.detach()),
+        "contrastive_loss": float(loss_con.detach()),
+        "contrastive_acc": float(
+            (con_logits.argmax(1) == torch.arange(len(retrieval_idx), device=device)).float().mean()
+        ),
     }
 
 
@@ -201,17 +206,26 @@ def train(config: TrainConfig) -> TrainResult:
 
     bad = BadInputLog()
     train_examples, val_examples = build_examples(config.data, bad)
-    split = extract_features(train_examples, encoder, bad, views=config.data.augment_views, desc="train features")
-    val_splits = {name: extract_features(ex, encoder, bad, desc=f"{name} features") for name, ex in val_examples.items()}
+    split = extract_features(
+        train_examples, encoder, bad, views=config.data.augment_views, desc="train features"
+    )
+    val_splits = {
+        name: extract_features(ex, encoder, bad, desc=f"{name} features") for name, ex in val_examples.items()
+    }
     seen = len(train_examples) + sum(len(v) for v in val_examples.values())
     bad.check(seen, config.data.max_bad_fraction)
     log.info("data: %d training examples; %s", len(split), bad.summary())
 
     max_tokens = config.data.max_caption_tokens
     texts = tokenize_captions(tokenizer, [e.caption for e in split.examples], max_tokens)
-    val_texts = {n: tokenize_captions(tokenizer, [e.caption for e in s.examples], max_tokens) for n, s in val_splits.items()}
+    val_texts = {
+        n: tokenize_captions(tokenizer, [e.caption for e in s.examples], max_tokens)
+        for n, s in val_splits.items()
+    }
     group_index: dict[str, int] = {}
-    group_ids = torch.tensor([group_index.setdefault(e.group or f"#{i}", len(group_index)) for i, e in enumerate(split.examples)])
+    group_ids = torch.tensor(
+        [group_index.setdefault(e.group or f"#{i}", len(group_index)) for i, e in enumerate(split.examples)]
+    )
 
     model = FromageModel(config.model, lm, encoder).to(device)
     model.set_feature_stats(split.features[0])
@@ -221,7 +235,9 @@ def train(config: TrainConfig) -> TrainResult:
     prefixes = precompute_prefixes(model, [list(t) for t in text_index], special)
     params = model.trainable_parameters()
     n_trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+    )
     caption_sampler = EpochSampler(len(split), config.seed)
     retrieval_sampler = EpochSampler(len(split), config.seed + 1)
     generator = torch.Generator().manual_seed(config.seed)
@@ -241,12 +257,17 @@ def train(config: TrainConfig) -> TrainResult:
     loop_start = time.time()
     last: dict[str, float] = {}
     model.train()
+    # With a time budget, the final validation needs time too: keep ~8% of it back.
+    budget_s = config.max_minutes * 60 * 0.92 - (loop_start - start_time) if config.max_minutes else 0.0
+    time_progress = 0.0
     while step < config.max_steps:
-        if config.max_minutes and (time.time() - start_time) / 60 > config.max_minutes:
-            log.info("time limit of %.1f min reached at step %d", config.max_minutes, step)
-            break
+        if budget_s:
+            time_progress = (time.time() - loop_start) / max(budget_s, 1e-9)
+            if time_progress >= 1.0:
+                log.info("time budget of %.1f min reached at step %d", config.max_minutes, step)
+                break
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
+            group["lr"] = lr_at(step, config, time_progress)
         interleave = random.random() < config.interleave_prob
         optimizer.zero_grad(set_to_none=True)
         parts = []
@@ -254,10 +275,20 @@ def train(config: TrainConfig) -> TrainResult:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 parts.append(
                     train_step(
-                        model, split, texts, prefixes, text_of_example, group_ids,
+                        model,
+                        split,
+                        texts,
+                        prefixes,
+                        text_of_example,
+                        group_ids,
                         caption_sampler.take(config.batch_size),
                         retrieval_sampler.take(config.retrieval_batch_size),
-                        special, interleave, config, generator, device, 1.0 / config.grad_accum_steps,
+                        special,
+                        interleave,
+                        config,
+                        generator,
+                        device,
+                        1.0 / config.grad_accum_steps,
                     )
                 )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -267,15 +298,20 @@ def train(config: TrainConfig) -> TrainResult:
         step += 1
         samples += config.batch_size * config.grad_accum_steps
         last = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
-        last.update(grad_norm=float(grad_norm), lr=lr_at(step - 1, config))
+        last.update(grad_norm=float(grad_norm), lr=optimizer.param_groups[0]["lr"])
         rate = samples / max(time.time() - loop_start, 1e-9)
         bar.set_postfix(loss=f"{last['loss']:.3f}", samples_s=f"{rate:.1f}")
         bar.update(1)
         if step % config.log_every == 0 or step == config.max_steps:
             _log(metrics_file, writer, step, {**last, "samples_per_s": rate})
-        if step % config.eval_every == 0 and step < config.max_steps:
-            _log(metrics_file, writer, step, _validate_all(model, val_splits, val_texts, special, tokenizer, config, False))
-        if step % config.save_every == 0 and step < config.max_steps:
+        if config.eval_every and step % config.eval_every == 0 and step < config.max_steps:
+            _log(
+                metrics_file,
+                writer,
+                step,
+                _validate_all(model, val_splits, val_texts, special, tokenizer, config, False),
+            )
+        if config.save_every and step % config.save_every == 0 and step < config.max_steps:
             _save(out_dir, model, optimizer, caption_sampler, retrieval_sampler, generator, step, config)
     bar.close()
     rate = samples / max(time.time() - loop_start, 1e-9)
@@ -294,18 +330,29 @@ def train(config: TrainConfig) -> TrainResult:
     metrics_file.close()
     if writer is not None:
         writer.close()
-    atomic_write_bytes(out_dir / "summary.json", (json.dumps({**summary, "bad_input_kinds": dict(bad.counts)}, indent=2) + "\n").encode())
+    atomic_write_bytes(
+        out_dir / "summary.json",
+        (json.dumps({**summary, "bad_input_kinds": dict(bad.counts)}, indent=2) + "\n").encode(),
+    )
     return TrainResult(step, out_dir / "checkpoint", final, n_trainable, peak_rss_mb(), rate, bad.summary())
 
 
-def _validate_all(model, val_splits, val_texts, special, tokenizer, config: TrainConfig, captions: bool) -> dict[str, float]:
+def _validate_all(
+    model, val_splits, val_texts, special, tokenizer, config: TrainConfig, captions: bool
+) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, split in val_splits.items():
         if not len(split):
             continue
         metrics = validate(
-            model, name, split, val_texts[name], special, tokenizer,
-            config.data.heldout_concept_fraction, captions=captions,
+            model,
+            name,
+            split,
+            val_texts[name],
+            special,
+            tokenizer,
+            config.data.heldout_concept_fraction,
+            captions=captions,
         )
         out.update({f"val/{name}/{k}": v for k, v in metrics.items()})
     return out
@@ -331,7 +378,16 @@ def _tensorboard(out_dir: Path):
         return None
 
 
-def _save(out_dir: Path, model, optimizer, caption_sampler, retrieval_sampler, generator, step: int, config: TrainConfig) -> None:
+def _save(
+    out_dir: Path,
+    model,
+    optimizer,
+    caption_sampler,
+    retrieval_sampler,
+    generator,
+    step: int,
+    config: TrainConfig,
+) -> None:
     save_model(model, out_dir / "checkpoint", extra={"step": step, "train_config": to_dict(config)})
     state = {
         "step": step,

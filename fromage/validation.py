@@ -33,13 +33,20 @@ def embed_texts(
 def embed_images(model: FromageModel, features: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     device = model.ret_embedding.device
     return torch.cat(
-        [model.image_embeddings(features[s : s + batch_size].to(device)).cpu() for s in range(0, len(features), batch_size)]
+        [
+            model.image_embeddings(features[s : s + batch_size].to(device)).cpu()
+            for s in range(0, len(features), batch_size)
+        ]
     )
 
 
 @torch.no_grad()
 def caption_token_accuracy(
-    model: FromageModel, split: Split, texts: Sequence[list[int]], special: SpecialTokens, batch_size: int = 128
+    model: FromageModel,
+    split: Split,
+    texts: Sequence[list[int]],
+    special: SpecialTokens,
+    batch_size: int = 128,
 ) -> float:
     device = model.ret_embedding.device
     right = total = 0
@@ -96,7 +103,10 @@ def validate(
                     continue
                 generated = greedy_captions(model, split.features[0][rows], special)
                 decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)  # type: ignore[attr-defined]
-                exact = [d.strip().lower() == split.examples[i].caption.lower() for d, i in zip(decoded, rows)]
+                exact = [
+                    d.strip().lower() == split.examples[i].caption.lower()
+                    for d, i in zip(decoded, rows, strict=False)
+                ]
                 metrics[f"{prefix}caption_exact"] = sum(exact) / len(exact)
         return metrics
     finally:

@@ -36,8 +36,14 @@ def test_frozen_weights_take_no_gradients_and_stay_in_eval():
     assert not model.lm.training and not model.lm.model.training
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names == {
-        "visual_map.weight", "visual_map.bias", "text_ret_map.weight", "text_ret_map.bias",
-        "image_ret_map.weight", "image_ret_map.bias", "logit_scale", "ret_embedding",
+        "visual_map.weight",
+        "visual_map.bias",
+        "text_ret_map.weight",
+        "text_ret_map.bias",
+        "image_ret_map.weight",
+        "image_ret_map.bias",
+        "logit_scale",
+        "ret_embedding",
     }
 
 
@@ -73,7 +79,9 @@ def _naive_retrieval(model, texts, special):
     return hidden, logits, targets
 
 
-@pytest.mark.parametrize("make,ret_layer", [(tiny_llama, -1), (tiny_llama, 1), (tiny_opt, -1), (tiny_gpt2, 1)])
+@pytest.mark.parametrize(
+    "make,ret_layer", [(tiny_llama, -1), (tiny_llama, 1), (tiny_opt, -1), (tiny_gpt2, 1)]
+)
 def test_retrieval_fast_path_matches_full_sequence(make, ret_layer, special):
     model = build_model(make(), ret_layer=ret_layer)
     texts = [[5, 6, 7, 8], [9, 10], [11]]
@@ -99,8 +107,14 @@ def test_retrieval_fast_path_gradients_match(special):
             hidden, logits, targets = _naive_retrieval(model, texts, special)
             loss = caption_loss(logits, targets)
         (loss + model.text_embeddings(hidden).sum()).backward()
-        grads.append([model.ret_embedding.grad.clone(), model.ret_output.grad.clone(), model.text_ret_map.weight.grad.clone()])
-    for a, b in zip(*grads):
+        grads.append(
+            [
+                model.ret_embedding.grad.clone(),
+                model.ret_output.grad.clone(),
+                model.text_ret_map.weight.grad.clone(),
+            ]
+        )
+    for a, b in zip(*grads, strict=False):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
@@ -112,7 +126,11 @@ def test_caption_batch_layout_and_interleaving(special):
     assert plain.labels[0].tolist() == [IGNORE_INDEX] * 3 + [5, 6, 2, IGNORE_INDEX]
     packed = caption_batch(texts, 2, special, interleave=True)
     assert packed.input_ids.shape[0] == 2
-    assert packed.input_ids[0].tolist() == [IMAGE_TOKEN_ID] * 2 + [1, 5, 6, 2] + [IMAGE_TOKEN_ID] * 2 + [1, 7, 2]
+    assert packed.input_ids[0].tolist() == [IMAGE_TOKEN_ID] * 2 + [1, 5, 6, 2] + [IMAGE_TOKEN_ID] * 2 + [
+        1,
+        7,
+        2,
+    ]
     assert packed.image_order == [0, 1, 2]
 
 

@@ -53,9 +53,7 @@ def embedded_lm_dir() -> Path:
     log.info("converting %s to safetensors (once) …", _SMOLLM_GGUF)
     start = time.time()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_SMOLLM_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_dir), gguf_file=_SMOLLM_GGUF, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=_SMOLLM_GGUF, dtype=torch.float32)
     # The GGUF loader marks the (already de-quantised) model as quantised, which blocks saving.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

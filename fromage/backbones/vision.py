@@ -102,7 +102,7 @@ class HFVisionEncoder(FrozenImageEncoder):
         super().__init__(image_size, mean, std)
         self.model = model
         config = model.config
-        self.feature_dim = int(getattr(config, "hidden_size"))
+        self.feature_dim = int(config.hidden_size)
         self.encoder_id = f"hf:{name}@{image_size}"
         self.freeze()
 

@@ -86,9 +86,7 @@ def emoji_concepts(style: str = "google") -> list[EmojiConcept]:
         if not name or name in seen:
             continue
         seen.add(name)
-        concepts.append(
-            EmojiConcept(name, entry["image"], entry["category"], entry.get("subcategory", ""))
-        )
+        concepts.append(EmojiConcept(name, entry["image"], entry["category"], entry.get("subcategory", "")))
     return concepts
 
 
@@ -107,9 +105,7 @@ def emoji_examples(style: str, split: str, heldout_fraction: float = 0.1) -> lis
     for concept in emoji_concepts(style):
         held = is_heldout(concept.name, heldout_fraction)
         if split == "all" or (split == "heldout") == held:
-            out.append(
-                Example(str(image_dir / concept.image), concept.name, f"emoji-{style}", concept.name)
-            )
+            out.append(Example(str(image_dir / concept.image), concept.name, f"emoji-{style}", concept.name))
     return out
 
 

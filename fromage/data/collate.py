@@ -77,7 +77,7 @@ def caption_batch(
     input_ids = torch.full((len(rows), width), special.pad, dtype=torch.long)
     labels_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, (ids, labels) in enumerate(zip(rows, row_labels)):
+    for r, (ids, labels) in enumerate(zip(rows, row_labels, strict=False)):
         input_ids[r, : len(ids)] = torch.tensor(ids)
         labels_t[r, : len(labels)] = torch.tensor(labels)
         mask[r, : len(ids)] = 1

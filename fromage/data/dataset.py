@@ -81,7 +81,9 @@ def extract_features(
     cache = cache or FeatureCache(subdir("features"), encoder.encoder_id)
     digests: list[str | None] = []
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for example, digest in zip(examples, pool.map(_safe_digest, [e.image for e in examples])):
+        for example, digest in zip(
+            examples, pool.map(_safe_digest, [e.image for e in examples]), strict=False
+        ):
             if digest is None:
                 bad.add("unreadable image", f"{example.image}: cannot read file")
             digests.append(digest)
@@ -94,15 +96,20 @@ def extract_features(
         for start in range(0, len(todo), 256):
             part = todo[start : start + 256]
             with ThreadPoolExecutor(max_workers=2) as pool:
-                images = list(pool.map(lambda vj: _render(examples[kept[vj[1]]], vj[0], digests[kept[vj[1]]]), part))
-            ok = [(vj, img) for vj, img in zip(part, images) if img is not None]
-            for vj, img in zip(part, images):
+                images = list(
+                    pool.map(lambda vj: _render(examples[kept[vj[1]]], vj[0], digests[kept[vj[1]]]), part)
+                )
+            ok = [(vj, img) for vj, img in zip(part, images, strict=False) if img is not None]
+            for vj, img in zip(part, images, strict=False):
                 if img is None and vj[1] not in broken:
                     broken.add(vj[1])
                     bad.add("undecodable image", f"{examples[kept[vj[1]]].image}: cannot decode image")
             if ok:
                 feats = torch.cat(
-                    [encoder.encode([img for _, img in ok[s : s + batch_size]]) for s in range(0, len(ok), batch_size)]
+                    [
+                        encoder.encode([img for _, img in ok[s : s + batch_size]])
+                        for s in range(0, len(ok), batch_size)
+                    ]
                 )
                 cache.put([keys[v][j] for (v, j), _ in ok], feats)
             bar.update(len(part))

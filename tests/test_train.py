@@ -1,0 +1,218 @@
+"""Training end to end on tiny random backbones loaded *by path* through the real loaders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fromage.config import DataConfig, EncoderConfig, LMConfig, ModelConfig, TrainConfig
+
+from .conftest import tiny_clip_vision, tiny_llama, tiny_opt
+
+WORDS = ["red", "green", "blue", "circle", "square", "a", "big", "small", "dot", "."]
+COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+
+
+def _save_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    for name, make in (("llama", lambda: tiny_llama(tied=False)), ("opt", tiny_opt)):
+        make().save_pretrained(root / name)
+        _save_tokenizer(root / name)
+    tiny_clip_vision().save_pretrained(root / "clip")
+    images = root / "images"
+    images.mkdir()
+    rows = ["caption\timage"]
+    for color in COLORS:
+        for shape in enumerate(("circle", "square")):
+            img = Image.new("RGB", (16, 16), (255, 255, 255))
+            box = (3, 3, 13, 13)
+            from PIL import ImageDraw
+
+            draw = ImageDraw.Draw(img)
+            (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLORS[color])
+            img.save(images / f"{color}_{shape}.png")
+            rows.append(f"a {color} {shape}\t{color}_{shape}.png")
+    (images / "data.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def tiny_config(world: Path, out: Path, lm: str = "llama", **overrides) -> TrainConfig:
+    config = TrainConfig(
+        model=ModelConfig(
+            lm=LMConfig(name=str(world / lm)),
+            encoder=EncoderConfig(name=str(world / "clip"), image_size=16),
+            num_visual_tokens=2,
+            retrieval_dim=16,
+        ),
+        data=DataConfig(sources=[str(world / "images" / "data.tsv")], max_bad_fraction=0.0),
+        output_dir=str(out),
+        max_steps=6,
+        batch_size=4,
+        retrieval_batch_size=6,
+        lr=3e-3,
+        warmup_steps=1,
+        eval_every=1000,
+        save_every=1000,
+        log_every=1,
+        device="cpu",
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r and "val" not in " ".join(r)]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FROMAGE_HOME", str(tmp_path / "home"))
+
+
+@pytest.mark.parametrize("lm", ["llama", "opt"])
+def test_tiny_models_train_and_lower_their_loss(tiny_world, tmp_path, lm):
+    from fromage.train import train
+
+    config = tiny_config(tiny_world, tmp_path / "run", lm=lm, max_steps=25)
+    train(config)
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 25
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 * 0.9
+
+
+def test_only_trainables_get_optimizer_state(tiny_world, tmp_path):
+    from fromage.train import train
+
+    train(tiny_config(tiny_world, tmp_path / "run"))
+    state = torch.load(tmp_path / "run" / "train_state" / "state.pt", weights_only=True)
+    # AdamW state exists for exactly the trainable tensors: 3 maps x (weight, bias), [RET] in
+    # and out (untied Llama head), and the temperature; the largest is the visual map.
+    assert len(state["optimizer"]["state"]) == 3 * 2 + 2 + 1
+    sizes = sorted(int(s["exp_avg"].numel()) for s in state["optimizer"]["state"].values())
+    assert max(sizes) == 32 * 2 * 32  # visual map weight: F=32 → k*d = 2*32
+
+
+def test_frozen_lm_bit_identical_after_training(tiny_world, tmp_path):
+    """The in-memory frozen LM is bit-identical after steps (not only its file on disk)."""
+    from fromage.train import (
+        train,
+        train_step,  # noqa: F401  (import proves the public step exists)
+    )
+
+    config = tiny_config(tiny_world, tmp_path / "run", max_steps=3)
+    from fromage import train as train_module
+
+    captured = {}
+    original = train_module.FromageModel
+
+    class Spy(original):  # type: ignore[misc,valid-type]
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            captured["model"] = self
+            captured["frozen"] = {k: v.clone() for k, v in self.lm.state_dict().items()}
+
+    train_module.FromageModel = Spy
+    try:
+        train(config)
+    finally:
+        train_module.FromageModel = original
+    model = captured["model"]
+    for name, tensor in model.lm.state_dict().items():
+        assert torch.equal(tensor, captured["frozen"][name]), name
+    assert all(p.grad is None for p in model.lm.parameters())
+
+
+def test_checkpoint_round_trip_holds_only_trained_tensors(tiny_world, tmp_path):
+    from safetensors import safe_open
+
+    from fromage.model import FromageModel
+    from fromage.train import train
+
+    config = tiny_config(tiny_world, tmp_path / "run")
+    result = train(config)
+    with safe_open(str(result.checkpoint / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert not any(n.startswith(("lm.", "encoder.")) for n in names)
+    assert names == {
+        "visual_map.weight",
+        "visual_map.bias",
+        "text_ret_map.weight",
+        "text_ret_map.bias",
+        "image_ret_map.weight",
+        "image_ret_map.bias",
+        "logit_scale",
+        "ret_embedding",
+        "ret_output",
+        "feature_mean",
+        "feature_std",
+    }
+    loaded = FromageModel.from_pretrained(result.checkpoint)
+    state = torch.load(tmp_path / "run" / "train_state" / "state.pt", weights_only=True)["model"]
+    for name, tensor in loaded.trained_state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+
+
+def test_same_seed_same_first_steps(tiny_world, tmp_path):
+    from fromage.train import train
+
+    train(tiny_config(tiny_world, tmp_path / "a", max_steps=4))
+    train(tiny_config(tiny_world, tmp_path / "b", max_steps=4))
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def test_resume_continues_where_it_stopped(tiny_world, tmp_path):
+    from safetensors.torch import load_file
+
+    from fromage.train import train
+
+    train(tiny_config(tiny_world, tmp_path / "full", max_steps=6))
+    train(tiny_config(tiny_world, tmp_path / "split", max_steps=3, interleave_prob=0.5))
+    train(tiny_config(tiny_world, tmp_path / "split", max_steps=6, interleave_prob=0.5))
+    full = load_file(str(tmp_path / "full" / "checkpoint" / "model.safetensors"))
+    split = load_file(str(tmp_path / "split" / "checkpoint" / "model.safetensors"))
+    for name in full:
+        torch.testing.assert_close(full[name], split[name], atol=1e-6, rtol=1e-5)
+
+
+def test_bad_images_are_counted_and_limit_enforced(tiny_world, tmp_path):
+    from fromage.data.readers import TooManyBadInputs
+    from fromage.train import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = (tiny_world / "images" / "data.tsv").read_text().splitlines()
+    src = tiny_world / "images"
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    lines = [rows[0]] + [f"{r.split(chr(9))[0]}\t{src / r.split(chr(9))[1]}" for r in rows[1:]]
+    lines += ["a red dot\tbroken.png", "only one field", "a blue dot\tmissing.png"]
+    (data / "data.tsv").write_text("\n".join(lines) + "\n")
+    config = tiny_config(tiny_world, tmp_path / "run")
+    config.data.sources = [str(data / "data.tsv")]
+    with pytest.raises(TooManyBadInputs, match=r"3 of \d+ inputs are bad"):
+        train(config)
+    config.data.max_bad_fraction = 0.5
+    train(config)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["bad_input_kinds"] == {"malformed row": 1, "undecodable image": 1, "unreadable image": 1}
