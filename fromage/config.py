@@ -135,7 +135,12 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 100_000
     max_minutes: float = 14.0
-    """Stop (and save) after this much wall time; 0 = no limit."""
+    """Wall-time budget of the whole run (features, training, final validation); 0 = none.
+    The learning-rate schedule decays over the budget."""
+    stop_at_step: int = 0
+    """Stop (and save) at this step without changing the schedule (staged runs); 0 = off."""
+    final_eval_reserve_minutes: float = 3.0
+    """Part of `max_minutes` kept for the final validation."""
     batch_size: int = 32
     """Captioning-pass batch."""
     retrieval_batch_size: int = 256

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypeAlias
 
 from PIL import Image, UnidentifiedImageError
 
-ImageLike = str | os.PathLike | Image.Image
+ImageLike: TypeAlias = str | os.PathLike | Image.Image
 
 # Decompression bombs: refuse images above this many pixels (PIL's own check warns at ~89M).
 MAX_PIXELS = 64_000_000

@@ -252,15 +252,24 @@ def train(config: TrainConfig) -> TrainResult:
     log.info("trainable parameters: %d (%.2f M)", n_trainable, n_trainable / 1e6)
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     writer = _tensorboard(out_dir)
-    bar = tqdm(total=config.max_steps, initial=step, desc="train", unit="step")
+    bar = tqdm(
+        total=None if config.max_minutes else config.max_steps, initial=step, desc="train", unit="step"
+    )
     samples = 0
     loop_start = time.time()
     last: dict[str, float] = {}
     model.train()
-    # With a time budget, the final validation needs time too: keep ~8% of it back.
-    budget_s = config.max_minutes * 60 * 0.92 - (loop_start - start_time) if config.max_minutes else 0.0
+    # With a time budget, the final validation needs time too: it is held back from training.
+    budget_s = 0.0
+    if config.max_minutes:
+        budget_s = (
+            config.max_minutes * 60 - config.final_eval_reserve_minutes * 60 - (loop_start - start_time)
+        )
+        budget_s = max(budget_s, 1.0)
     time_progress = 0.0
     while step < config.max_steps:
+        if config.stop_at_step and step >= config.stop_at_step:
+            break
         if budget_s:
             time_progress = (time.time() - loop_start) / max(budget_s, 1e-9)
             if time_progress >= 1.0:

@@ -67,6 +67,7 @@ def tiny_config(world: Path, out: Path, lm: str = "llama", **overrides) -> Train
         data=DataConfig(sources=[str(world / "images" / "data.tsv")], max_bad_fraction=0.0),
         output_dir=str(out),
         max_steps=6,
+        max_minutes=0.0,  # a wall-time budget would make the schedule depend on the clock
         batch_size=4,
         retrieval_batch_size=6,
         lr=3e-3,
@@ -81,9 +82,13 @@ def tiny_config(world: Path, out: Path, lm: str = "llama", **overrides) -> Train
     return config
 
 
-def _losses(out: Path) -> list[float]:
+def _rows(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r and "val" not in " ".join(r)]
+    return [r for r in rows if "caption_loss" in r]
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in _rows(out)]
 
 
 @pytest.fixture(autouse=True)
@@ -95,11 +100,21 @@ def _isolated_home(tmp_path, monkeypatch):
 def test_tiny_models_train_and_lower_their_loss(tiny_world, tmp_path, lm):
     from fromage.train import train
 
-    config = tiny_config(tiny_world, tmp_path / "run", lm=lm, max_steps=25)
+    config = tiny_config(tiny_world, tmp_path / "run", lm=lm, max_steps=60, lr=1e-2)
     train(config)
-    losses = _losses(tmp_path / "run")
-    assert len(losses) == 25
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 * 0.9
+    rows = _rows(tmp_path / "run")
+    assert len(rows) == 60
+
+    def mean(key: str, part: slice) -> float:
+        values = [r[key] for r in rows[part]]
+        return sum(values) / len(values)
+
+    # Each trained pathway improves: [RET] + maps (contrastive) and the total clearly; the
+    # visual tokens (captioning) only a little, since a tiny random LM's next-token
+    # distribution is nearly uniform whatever its input.
+    assert mean("loss", slice(-10, None)) < mean("loss", slice(0, 10)) * 0.95
+    assert mean("contrastive_loss", slice(-10, None)) < mean("contrastive_loss", slice(0, 10)) * 0.5
+    assert mean("caption_loss", slice(-10, None)) < mean("caption_loss", slice(0, 10)) * 0.995
 
 
 def test_only_trainables_get_optimizer_state(tiny_world, tmp_path):
@@ -188,8 +203,9 @@ def test_resume_continues_where_it_stopped(tiny_world, tmp_path):
     from fromage.train import train
 
     train(tiny_config(tiny_world, tmp_path / "full", max_steps=6))
-    train(tiny_config(tiny_world, tmp_path / "split", max_steps=3, interleave_prob=0.5))
-    train(tiny_config(tiny_world, tmp_path / "split", max_steps=6, interleave_prob=0.5))
+    train(tiny_config(tiny_world, tmp_path / "split", stop_at_step=3))
+    assert _rows(tmp_path / "split")[-1]["step"] == 3
+    train(tiny_config(tiny_world, tmp_path / "split"))
     full = load_file(str(tmp_path / "full" / "checkpoint" / "model.safetensors"))
     split = load_file(str(tmp_path / "split" / "checkpoint" / "model.safetensors"))
     for name in full:

@@ -45,11 +45,13 @@ class FrozenLM(nn.Module):
         config = model.config
         self.hidden_size = int(embeddings.weight.shape[1])
         self.vocab_size = int(embeddings.weight.shape[0])
-        self.num_layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0))
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 0
+        self.num_layers = int(layers)
         self.final_norm = _find_final_norm(self.base)
         # Some heads (OPT-350m) read a projected hidden state; we only support heads that read
         # the hidden size directly, which is every model that ties input and output.
-        head_in = int(head.weight.shape[1])
+        head_weight: torch.Tensor = head.weight  # type: ignore[assignment]
+        head_in = int(head_weight.shape[1])
         if head_in != self.hidden_size:
             raise ValueError(f"output head reads {head_in}-d states but hidden size is {self.hidden_size}")
 
