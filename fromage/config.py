@@ -146,7 +146,7 @@ class TrainConfig:
     retrieval_batch_size: int = 256
     """Retrieval-pass (contrastive) batch; its prefix runs without autograd, so it can be larger."""
     grad_accum_steps: int = 1
-    lr: float = 1e-3
+    lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0

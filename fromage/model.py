@@ -148,6 +148,11 @@ class FromageModel(nn.Module):
         # Image features are standardised with training-set statistics (saved with the weights).
         self.register_buffer("feature_mean", torch.zeros(f))
         self.register_buffer("feature_std", torch.ones(f))
+        # Likewise the [RET] hidden state: LM hidden states carry a few huge, nearly constant
+        # dimensions (SmolLM2 layer 25: |mean| up to ~20 against a median per-dim std of ~0.35),
+        # which a linear map would first have to learn to cancel.
+        self.register_buffer("text_mean", torch.zeros(d))
+        self.register_buffer("text_std", torch.ones(d))
         # Keep the trainable parts in fp32 whatever the frozen LM's dtype.
         self.float_trainables()
 
@@ -204,6 +209,12 @@ class FromageModel(nn.Module):
         self.feature_std.copy_(features.float().std(0).clamp_min(1e-4))
 
     @torch.no_grad()
+    def set_text_stats(self, ret_hidden: torch.Tensor) -> None:
+        """Standardise `[RET]` hidden states with these (N, d) states' mean and std."""
+        self.text_mean.copy_(ret_hidden.float().mean(0))
+        self.text_std.copy_(ret_hidden.float().std(0).clamp_min(1e-4))
+
+    @torch.no_grad()
     def rescale_ret_embedding(self) -> None:
         """Keep `[RET]` at the mean norm of the frozen rows (the paper does this every step)."""
         norm = self.ret_embedding.norm().clamp_min(1e-8)
@@ -226,7 +237,8 @@ class FromageModel(nn.Module):
 
     def text_embeddings(self, ret_hidden: torch.Tensor) -> torch.Tensor:
         """(N, d) hidden states at `[RET]` → (N, R) unit vectors in the retrieval space."""
-        return F.normalize(self.text_ret_map(ret_hidden.float()), dim=-1)
+        x = (ret_hidden.float() - self.text_mean) / self.text_std
+        return F.normalize(self.text_ret_map(x), dim=-1)
 
     def embed_inputs(
         self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None

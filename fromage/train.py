@@ -233,6 +233,14 @@ def train(config: TrainConfig) -> TrainResult:
     text_index: dict[tuple[int, ...], int] = {}
     text_of_example = torch.tensor([text_index.setdefault(tuple(t), len(text_index)) for t in texts])
     prefixes = precompute_prefixes(model, [list(t) for t in text_index], special)
+    with torch.no_grad():
+        initial = [
+            model.retrieval_from_prefix(
+                prefixes.select(torch.arange(s, min(s + 256, len(text_index))))
+            ).ret_hidden
+            for s in range(0, len(text_index), 256)
+        ]
+    model.set_text_stats(torch.cat(initial))
     params = model.trainable_parameters()
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(

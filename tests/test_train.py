@@ -182,6 +182,8 @@ def test_checkpoint_round_trip_holds_only_trained_tensors(tiny_world, tmp_path):
         "ret_output",
         "feature_mean",
         "feature_std",
+        "text_mean",
+        "text_std",
     }
     loaded = FromageModel.from_pretrained(result.checkpoint)
     state = torch.load(tmp_path / "run" / "train_state" / "state.pt", weights_only=True)["model"]
