@@ -13,6 +13,18 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VOCAB = 96
 
+# The trainable parameters of a model with a tied head (an untied head adds `ret_output`).
+TRAINABLE = {
+    "visual_map.weight",
+    "visual_map.bias",
+    "text_ret_map.weight",
+    "text_ret_map.bias",
+    "image_ret_map.weight",
+    "image_ret_map.bias",
+    "logit_scale",
+    "ret_embedding",
+}
+
 
 def tiny_llama(tied: bool = False, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM

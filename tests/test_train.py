@@ -11,7 +11,7 @@ from PIL import Image
 
 from fromage.config import DataConfig, EncoderConfig, LMConfig, ModelConfig, TrainConfig
 
-from .conftest import tiny_clip_vision, tiny_llama, tiny_opt
+from .conftest import TRAINABLE, tiny_clip_vision, tiny_llama, tiny_opt
 
 WORDS = ["red", "green", "blue", "circle", "square", "a", "big", "small", "dot", "."]
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
@@ -170,21 +170,9 @@ def test_checkpoint_round_trip_holds_only_trained_tensors(tiny_world, tmp_path):
     with safe_open(str(result.checkpoint / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert not any(n.startswith(("lm.", "encoder.")) for n in names)
-    assert names == {
-        "visual_map.weight",
-        "visual_map.bias",
-        "text_ret_map.weight",
-        "text_ret_map.bias",
-        "image_ret_map.weight",
-        "image_ret_map.bias",
-        "logit_scale",
-        "ret_embedding",
-        "ret_output",
-        "feature_mean",
-        "feature_std",
-        "text_mean",
-        "text_std",
-    }
+    # Trained tensors only: the parameters (untied Llama head: plus `ret_output`) and the
+    # feature / [RET]-state statistics.
+    assert names == TRAINABLE | {"ret_output", "feature_mean", "feature_std", "text_mean", "text_std"}
     loaded = FromageModel.from_pretrained(result.checkpoint)
     state = torch.load(tmp_path / "run" / "train_state" / "state.pt", weights_only=True)["model"]
     for name, tensor in loaded.trained_state_dict().items():
@@ -234,3 +222,18 @@ def test_bad_images_are_counted_and_limit_enforced(tiny_world, tmp_path):
     train(config)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["bad_input_kinds"] == {"malformed row": 1, "undecodable image": 1, "unreadable image": 1}
+
+
+def test_cli_train_in_process(tiny_world, tmp_path, capsys):
+    from fromage.cli import main
+    from fromage.config import save_json
+
+    save_json(tiny_config(tiny_world, tmp_path / "run"), tmp_path / "config.json")
+    code = main(
+        ["train", "--config", str(tmp_path / "config.json"), "--max-steps", "2", "--model.retrieval-dim=8"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters:" in out and "peak resident memory:" in out
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
+    assert saved["retrieval_dim"] == 8
