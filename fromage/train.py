@@ -358,6 +358,7 @@ def _validate_all(
     model, val_splits, val_texts, special, tokenizer, config: TrainConfig, captions: bool
 ) -> dict[str, float]:
     out: dict[str, float] = {}
+    text_cache: dict = {}
     for name, split in val_splits.items():
         if not len(split):
             continue
@@ -370,6 +371,7 @@ def _validate_all(
             tokenizer,
             config.data.heldout_concept_fraction,
             captions=captions,
+            text_cache=text_cache,
         )
         out.update({f"val/{name}/{k}": v for k, v in metrics.items()})
     return out

@@ -71,13 +71,22 @@ def validate(
     heldout_fraction: float = 0.1,
     captions: bool = False,
     max_captions: int = 128,
+    max_token_accuracy: int = 512,
+    text_cache: dict[tuple[tuple[int, ...], ...], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Metrics on one validation split. The gallery is the whole split; for emoji the queries
     are reported separately for trained and held-out concepts."""
     was_training = model.training
     model.eval()
     try:
-        text_emb = embed_texts(model, texts, special)
+        # Galleries of two styles share their captions: embed each distinct list once.
+        key = tuple(tuple(t) for t in texts)
+        if text_cache is not None and key in text_cache:
+            text_emb = text_cache[key]
+        else:
+            text_emb = embed_texts(model, texts, special)
+            if text_cache is not None:
+                text_cache[key] = text_emb
         image_emb = embed_images(model, split.features[0])
         groups = [e.group for e in split.examples]
         scores = text_emb @ image_emb.T  # (N, N) text → image
@@ -97,15 +106,19 @@ def validate(
                 metrics[f"{prefix}t2i_{k}"] = v
             for k, v in group_recall_at_k(scores.T[rows], q_groups, groups).items():
                 metrics[f"{prefix}i2t_{k}"] = v
-        metrics["caption_token_acc"] = caption_token_accuracy(model, split, texts, special)
+        sample = _spread(list(range(len(split))), max_token_accuracy)
+        metrics["caption_token_acc"] = caption_token_accuracy(
+            model,
+            Split([split.examples[i] for i in sample], split.features[:, sample]),
+            [texts[i] for i in sample],
+            special,
+        )
         if captions and tokenizer is not None:
             for prefix, rows in subsets.items():
                 if not rows:
                     continue
                 # Greedy decoding is the slow part: score a fixed, evenly spread sample.
-                if len(rows) > max_captions:
-                    stride = len(rows) / max_captions
-                    rows = [rows[int(i * stride)] for i in range(max_captions)]
+                rows = _spread(rows, max_captions)
                 generated = greedy_captions(model, split.features[0][rows], special)
                 decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)  # type: ignore[attr-defined]
                 exact = [
@@ -116,3 +129,11 @@ def validate(
         return metrics
     finally:
         model.train(was_training)
+
+
+def _spread(rows: list[int], limit: int) -> list[int]:
+    """At most `limit` items, evenly spread over `rows` (deterministic)."""
+    if len(rows) <= limit:
+        return rows
+    stride = len(rows) / limit
+    return [rows[int(i * stride)] for i in range(limit)]
