@@ -24,6 +24,14 @@ def test_embedded_backbones_load_offline():
     feats = encoder.encode([load_image(e.image) for e in examples])
     assert feats.shape == (4, 1280) and torch.isfinite(feats).all()
     assert tokenizer.eos_token_id is not None
+    # Fast path (traced + frozen) against its naive twin, across batch sizes.
+    with torch.no_grad():
+        pixels = encoder.preprocess([load_image(e.image) for e in emoji_examples("google", "train")[:7]])
+        traced_3, traced_7 = encoder(pixels[:3]), encoder(pixels)
+        encoder.use_traced = False
+        eager = encoder(pixels)
+    torch.testing.assert_close(traced_7, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(traced_3, eager[:3], atol=1e-4, rtol=1e-4)
 
 
 def test_default_recipe_runs_a_few_steps_and_checkpoint_is_small(tmp_path: Path):
