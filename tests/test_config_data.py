@@ -80,3 +80,9 @@ def test_group_recall_accepts_any_item_of_the_group():
     # query 0 is "red": gallery items 0 and 2 are red; item 2 ranks second → R@1 0, R@2 1
     got = group_recall_at_k(scores, ["red", "blue"], ["red", "blue", "red"], ks=(1, 2))
     assert got == {"R@1": 0.5, "R@2": 1.0}
+
+
+def test_tokenize_no_captions_is_empty():
+    from fromage.data.collate import tokenize_captions
+
+    assert tokenize_captions(object(), [], 8) == []

@@ -35,6 +35,8 @@ class SpecialTokens:
 
 def tokenize_captions(tokenizer: object, captions: Sequence[str], max_tokens: int) -> list[list[int]]:
     """Caption text → ids without special tokens, truncated to `max_tokens`."""
+    if not captions:
+        return []  # fast tokenizers fail on an empty batch
     encoded = tokenizer(list(captions), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
     return [list(ids[:max_tokens]) for ids in encoded]
 
