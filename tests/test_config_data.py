@@ -86,3 +86,17 @@ def test_tokenize_no_captions_is_empty():
     from fromage.data.collate import tokenize_captions
 
     assert tokenize_captions(object(), [], 8) == []
+
+
+def test_file_validation_rows_do_not_depend_on_where_the_file_lives(tmp_path):
+    from fromage.config import DataConfig
+    from fromage.data.dataset import build_examples
+
+    lines = ["caption\timage"] + [f"thing {i}\timg{i}.png" for i in range(400)]
+    held = []
+    for where in ("a", "b/c"):
+        (tmp_path / where).mkdir(parents=True)
+        (tmp_path / where / "d.tsv").write_text("\n".join(lines) + "\n")
+        _, val = build_examples(DataConfig(sources=[str(tmp_path / where / "d.tsv")]), BadInputLog())
+        held.append([e.caption for e in val.get("d", [])])
+    assert held[0] == held[1] and 0 < len(held[0]) < 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +54,8 @@ def build_examples(config: DataConfig, bad: BadInputLog) -> tuple[list[Example],
                 raise FileNotFoundError(f"data source {source!r} is neither a built-in set nor a file")
             rows = read_collection(path, config.image_dir or None, bad)
             # A stable 1% (at most 500) of a file's rows is held out for validation.
-            held = [r for r in rows if _bucket(r.image) < 100][:500]
+            # Hash the path as written relative to the file, so every machine holds out the same rows.
+            held = [r for r in rows if _bucket(os.path.relpath(r.image, path.parent)) < 100][:500]
             held_set = {id(r) for r in held}
             train += [r for r in rows if id(r) not in held_set]
             if held:
