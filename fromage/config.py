@@ -103,7 +103,7 @@ class DataConfig:
     """Emoji concepts never trained on (held out for evaluation)."""
     easyvqa_per_class: int = 20
     """easy-VQA training images kept per (colour, shape) caption; 0 keeps all 4,000."""
-    augment_views: int = 1
+    augment_views: int = 2
     """Extra augmented renderings per training image whose features are cached too."""
     dialogue_fraction: float = 0.0
     """Share of easy-VQA retrieval-pass queries written as a Q/A dialogue instead of a caption."""
@@ -122,7 +122,7 @@ class DataConfig:
 def embedded_recipe_model() -> ModelConfig:
     """The default recipe's model: SmolLM2-135M + EfficientNet-Lite0, k = 4, `[RET]` read from
     layer 25 of 30 (beat the last layer here, DESIGN §7), dropout on image features."""
-    return ModelConfig(num_visual_tokens=4, ret_layer=25, feature_dropout=0.5)
+    return ModelConfig(num_visual_tokens=4, ret_layer=25, feature_dropout=0.7)
 
 
 @dataclass
@@ -139,13 +139,19 @@ class TrainConfig:
     The learning-rate schedule decays over the budget."""
     stop_at_step: int = 0
     """Stop (and save) at this step without changing the schedule (staged runs); 0 = off."""
-    final_eval_reserve_minutes: float = 3.0
-    """Part of `max_minutes` kept for the final validation."""
+    final_eval_reserve_minutes: float = 3.5
+    """Part of `max_minutes` kept for retrieval refinement and the final validation."""
     batch_size: int = 32
     """Captioning-pass batch."""
-    retrieval_batch_size: int = 256
-    """Retrieval-pass (contrastive) batch; its prefix runs without autograd, so it can be larger."""
+    retrieval_batch_size: int = 64
+    """Retrieval-pass (contrastive) batch of the joint loop; its prefix runs without autograd,
+    so it can be larger than the captioning batch. Refinement has its own batch size."""
     grad_accum_steps: int = 1
+    refine_steps: int = 2000
+    """Steps of retrieval-map refinement on cached `[RET]` states after the joint loop
+    (batch `retrieval_batch_size`; 0 = off). See refine.py."""
+    refine_batch_size: int = 256
+    refine_lr: float = 1e-3
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -174,7 +180,15 @@ class TrainConfig:
             self.data = _from_dict(DataConfig, self.data)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
-        for name in ("max_steps", "batch_size", "retrieval_batch_size", "grad_accum_steps"):
+        if self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be >= 0, got {self.refine_steps}")
+        for name in (
+            "max_steps",
+            "batch_size",
+            "retrieval_batch_size",
+            "grad_accum_steps",
+            "refine_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:

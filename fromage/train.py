@@ -1,10 +1,11 @@
 """The training loop (DESIGN §3), top to bottom.
 
-Each step runs (1) the captioning pass `[img][BOS] caption [EOS]` — with probability
+Each step of the joint loop runs (1) the captioning pass `[img][BOS] caption [EOS]` — with probability
 `interleave_prob` two pairs packed per row — and (2) the retrieval pass `[BOS] caption [RET]`
 with the LM loss including `[RET]` and symmetric InfoNCE. Image features come from the disk
 cache (the frozen encoder runs once per image and view, never per step). Only the three maps,
-`[RET]` and the temperature are in the optimiser.
+`[RET]` and the temperature are in the optimiser. After the loop, the retrieval maps are refined
+on cached `[RET]` states (refine.py), which costs seconds per thousand steps.
 
 Writes `output_dir/checkpoint/` (config.json + model.safetensors: trained tensors only),
 `output_dir/train_state/` (optimiser, schedule, RNG, step, data position) and
@@ -36,6 +37,7 @@ from .data.dataset import Split, build_examples, extract_features
 from .data.readers import BadInputLog
 from .losses import caption_loss, contrastive_loss, ret_token_loss
 from .model import FromageModel, TextPrefix
+from .refine import refine_retrieval, ret_states
 from .validation import validate
 
 log = logging.getLogger(__name__)
@@ -233,14 +235,7 @@ def train(config: TrainConfig) -> TrainResult:
     text_index: dict[tuple[int, ...], int] = {}
     text_of_example = torch.tensor([text_index.setdefault(tuple(t), len(text_index)) for t in texts])
     prefixes = precompute_prefixes(model, [list(t) for t in text_index], special)
-    with torch.no_grad():
-        initial = [
-            model.retrieval_from_prefix(
-                prefixes.select(torch.arange(s, min(s + 256, len(text_index))))
-            ).ret_hidden
-            for s in range(0, len(text_index), 256)
-        ]
-    model.set_text_stats(torch.cat(initial))
+    model.set_text_stats(ret_states(model, prefixes))
     params = model.trainable_parameters()
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(
@@ -326,16 +321,49 @@ def train(config: TrainConfig) -> TrainResult:
                 metrics_file,
                 writer,
                 step,
-                _validate_all(model, val_splits, val_texts, special, tokenizer, config, False),
+                _validate_all(model, val_splits, val_texts, special, tokenizer, config, False, {}),
             )
         if config.save_every and step % config.save_every == 0 and step < config.max_steps:
             _save(out_dir, model, optimizer, caption_sampler, retrieval_sampler, generator, step, config)
     bar.close()
     rate = samples / max(time.time() - loop_start, 1e-9)
+    # The resumable state is the joint loop's; refinement below only rewrites the checkpoint.
     _save(out_dir, model, optimizer, caption_sampler, retrieval_sampler, generator, step, config)
-    final = _validate_all(model, val_splits, val_texts, special, tokenizer, config, True)
+    # [RET] is final now: its state per training caption is fixed, so the retrieval maps get
+    # many cheap steps on cached states (refine.py), and validation reuses the same states.
+    states = ret_states(model, prefixes)
+    state_cache = {text: states[i] for text, i in text_index.items()}
+    refined: dict[str, float] = {}
+    staged_stop = bool(config.stop_at_step) and step >= config.stop_at_step < config.max_steps
+    if config.refine_steps and not staged_stop:
+        t0 = time.time()
+        result = refine_retrieval(
+            model,
+            states,
+            text_of_example,
+            split.features,
+            group_ids,
+            config.refine_steps,
+            batch_size=config.refine_batch_size,
+            lr=config.refine_lr,
+            seed=config.seed,
+        )
+        refined = {
+            "refine/first_loss": result.first_loss,
+            "refine/last_loss": result.last_loss,
+            "refine/seconds": time.time() - t0,
+        }
+        log.info(
+            "retrieval refinement: %d steps, loss %.3f -> %.3f",
+            result.steps,
+            result.first_loss,
+            result.last_loss,
+        )
+        save_model(model, out_dir / "checkpoint", extra={"step": step, "train_config": to_dict(config)})
+    final = _validate_all(model, val_splits, val_texts, special, tokenizer, config, True, state_cache)
     summary = {
         **final,
+        **refined,
         "step": step,
         "trainable_parameters": n_trainable,
         "peak_rss_mb": peak_rss_mb(),
@@ -355,10 +383,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _validate_all(
-    model, val_splits, val_texts, special, tokenizer, config: TrainConfig, captions: bool
+    model, val_splits, val_texts, special, tokenizer, config: TrainConfig, captions: bool, states: dict
 ) -> dict[str, float]:
     out: dict[str, float] = {}
-    text_cache: dict = {}
     for name, split in val_splits.items():
         if not len(split):
             continue
@@ -371,7 +398,7 @@ def _validate_all(
             tokenizer,
             config.data.heldout_concept_fraction,
             captions=captions,
-            text_cache=text_cache,
+            states=states,
         )
         out.update({f"val/{name}/{k}": v for k, v in metrics.items()})
     return out

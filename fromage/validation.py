@@ -14,19 +14,34 @@ from .generate import greedy_captions
 from .metrics import group_recall_at_k
 from .model import FromageModel
 
+StateCache = dict[tuple[int, ...], torch.Tensor]
+"""Token ids of a text → its (d,) hidden state at `[RET]`. Valid while `[RET]` is unchanged."""
+
 
 @torch.no_grad()
 def embed_texts(
-    model: FromageModel, texts: Sequence[list[int]], special: SpecialTokens, batch_size: int = 256
+    model: FromageModel,
+    texts: Sequence[list[int]],
+    special: SpecialTokens,
+    batch_size: int = 256,
+    states: StateCache | None = None,
 ) -> torch.Tensor:
-    """Token lists → (N, R) retrieval embeddings of `[BOS] text [RET]`."""
+    """Token lists → (N, R) retrieval embeddings of `[BOS] text [RET]`. Texts found in
+    `states` skip the LM; the others are computed and added to it."""
     device = model.ret_embedding.device
-    out = []
-    for start in range(0, len(texts), batch_size):
-        ids, mask = retrieval_prefix_batch(texts[start : start + batch_size], special)
-        ret = model.retrieval_forward(ids.to(device), mask.to(device))
-        out.append(model.text_embeddings(ret.ret_hidden).cpu())
-    return torch.cat(out)
+    states = {} if states is None else states
+    todo = list(dict.fromkeys(tuple(t) for t in texts if tuple(t) not in states))
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        ids, mask = retrieval_prefix_batch([list(t) for t in chunk], special)
+        hidden = model.retrieval_forward(ids.to(device), mask.to(device)).ret_hidden.float().cpu()
+        states.update(zip(chunk, hidden, strict=True))
+    if not texts:
+        return torch.empty(0, model.config.retrieval_dim)
+    hidden = torch.stack([states[tuple(t)] for t in texts])
+    return torch.cat(
+        [model.text_embeddings(hidden[s : s + 1024].to(device)).cpu() for s in range(0, len(texts), 1024)]
+    )
 
 
 @torch.no_grad()
@@ -72,21 +87,16 @@ def validate(
     captions: bool = False,
     max_captions: int = 128,
     max_token_accuracy: int = 512,
-    text_cache: dict[tuple[tuple[int, ...], ...], torch.Tensor] | None = None,
+    states: StateCache | None = None,
 ) -> dict[str, float]:
     """Metrics on one validation split. The gallery is the whole split; for emoji the queries
     are reported separately for trained and held-out concepts."""
     was_training = model.training
     model.eval()
     try:
-        # Galleries of two styles share their captions: embed each distinct list once.
-        key = tuple(tuple(t) for t in texts)
-        if text_cache is not None and key in text_cache:
-            text_emb = text_cache[key]
-        else:
-            text_emb = embed_texts(model, texts, special)
-            if text_cache is not None:
-                text_cache[key] = text_emb
+        # Galleries of two styles share their captions, and trained captions were already
+        # run during training: `states` holds every [RET] state computed so far.
+        text_emb = embed_texts(model, texts, special, states=states)
         image_emb = embed_images(model, split.features[0])
         groups = [e.group for e in split.examples]
         scores = text_emb @ image_emb.T  # (N, N) text → image

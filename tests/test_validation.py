@@ -2,7 +2,7 @@ import torch
 
 from fromage.data.dataset import Split
 from fromage.data.examples import Example
-from fromage.validation import validate
+from fromage.validation import embed_texts, validate
 
 from .conftest import build_model
 
@@ -23,13 +23,25 @@ def test_validate_reports_both_directions_and_captions(special):
     assert metrics["t2i_R@10"] == 1.0 and metrics["i2t_R@10"] == 1.0
 
 
-def test_shared_text_cache_and_subsampling_do_not_change_retrieval(special):
+def test_shared_state_cache_and_subsampling_do_not_change_retrieval(special):
     model = build_model()
     split, texts = _split(9)
     plain = validate(model, "toy", split, texts, special)
     cache: dict = {}
-    first = validate(model, "toy", split, texts, special, text_cache=cache, max_token_accuracy=4)
-    again = validate(model, "toy", split, texts, special, text_cache=cache, max_token_accuracy=4)
-    assert len(cache) == 1
+    first = validate(model, "toy", split, texts, special, states=cache, max_token_accuracy=4)
+    assert len(cache) == 3  # one [RET] state per distinct text
+    again = validate(model, "toy", split, texts, special, states=cache, max_token_accuracy=4)
     for key in ("t2i_R@1", "t2i_R@5", "i2t_R@1"):
         assert plain[key] == first[key] == again[key]
+
+
+def test_cached_states_give_the_same_text_embeddings(special):
+    model = build_model().eval()
+    texts = [[5, 9], [6, 9, 7], [5, 9]]
+    cache: dict = {}
+    fresh = embed_texts(model, texts, special, states=cache)
+    # A poisoned entry proves the cache is read rather than recomputed.
+    reused = embed_texts(model, texts, special, states=cache)
+    torch.testing.assert_close(fresh, reused)
+    cache[(5, 9)] = torch.zeros_like(cache[(5, 9)])
+    assert not torch.allclose(embed_texts(model, texts, special, states=cache)[0], fresh[0])

@@ -1,0 +1,100 @@
+"""Retrieval-head refinement: a second, cheap stage after the joint loop.
+
+Once `[RET]` is fixed, the hidden state at `[RET]` for a given caption no longer changes, so
+the two retrieval maps and the temperature can be trained against *cached* states: a step costs
+two small matmuls instead of a pass through the LM. The losses are the paper's (symmetric
+InfoNCE with in-batch negatives; same feature dropout and cached augmented views); only the
+parameters that update differ from the joint step. On 2 CPU cores the joint loop fits ~100
+steps in its budget, while retrieval keeps improving for over a thousand (DESIGN §7 probe:
+a linear probe on fixed `[RET]` states beats the joint recipe on both emoji styles).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .losses import contrastive_loss
+from .model import FromageModel, TextPrefix
+
+
+@dataclass
+class RefineResult:
+    steps: int
+    first_loss: float
+    last_loss: float
+
+
+@torch.no_grad()
+def ret_states(model: FromageModel, prefixes: TextPrefix, chunk: int = 256) -> torch.Tensor:
+    """(T, d) hidden state at `[RET]` (model.config.ret_layer) for each cached text prefix."""
+    n = int(prefixes.mask.shape[0])
+    parts = [
+        model.retrieval_from_prefix(prefixes.select(torch.arange(s, min(s + chunk, n)))).ret_hidden
+        for s in range(0, n, chunk)
+    ]
+    return torch.cat(parts).float()
+
+
+def refine_retrieval(
+    model: FromageModel,
+    states: torch.Tensor,
+    text_of_example: torch.Tensor,
+    features: torch.Tensor,
+    group_ids: torch.Tensor,
+    steps: int,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> RefineResult:
+    """Train `text_ret_map`, `image_ret_map` and `logit_scale` on fixed `[RET]` states.
+
+    states: (T, d) from `ret_states`; text_of_example: (N,) row of `states` per example;
+    features: (V, N, F) cached views (view 0 is the image itself); group_ids: (N,) examples
+    that share a caption (never each other's negatives). Cosine decay from `lr` to 10%.
+    Everything else in the model is untouched.
+    """
+    n = int(text_of_example.shape[0])
+    if n < 2:
+        raise ValueError(f"retrieval refinement needs at least 2 examples, got {n}")
+    device = model.ret_embedding.device
+    params = [*model.text_ret_map.parameters(), *model.image_ret_map.parameters(), model.logit_scale]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, n)
+    order: list[int] = []
+    was_training = model.training
+    model.train()
+    first = last = float("nan")
+    bar = tqdm(range(steps), desc="refine retrieval", unit="step", leave=False, disable=not progress)
+    try:
+        for step in bar:
+            if len(order) < batch_size:
+                fresh = list(range(n))
+                rng.shuffle(fresh)
+                order += fresh
+            idx = torch.tensor(order[:batch_size])
+            del order[:batch_size]
+            view = torch.randint(0, features.shape[0], (batch_size,), generator=generator)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
+            text = model.text_embeddings(states[text_of_example[idx]].to(device))
+            image = model.image_embeddings(features[view, idx].to(device))
+            loss, _ = contrastive_loss(text, image, model.logit_scale, group_ids[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            last = float(loss.detach())
+            if step == 0:
+                first = last
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{last:.3f}")
+    finally:
+        model.train(was_training)
+    return RefineResult(steps, first, last)

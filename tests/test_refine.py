@@ -1,0 +1,51 @@
+import torch
+
+from fromage.losses import contrastive_loss
+from fromage.model import FromageModel
+from fromage.refine import refine_retrieval
+
+from .conftest import build_model
+
+
+def _task(model: FromageModel, n: int = 24, views: int = 2):
+    torch.manual_seed(0)
+    d, f = model.lm.hidden_size, model.config.feature_dim
+    states = torch.randn(n, d)
+    features = torch.randn(views, n, f)
+    return states, torch.arange(n), features, torch.arange(n)
+
+
+def _loss(model, states, text_of_example, features, groups) -> float:
+    model.eval()
+    with torch.no_grad():
+        text = model.text_embeddings(states[text_of_example])
+        image = model.image_embeddings(features[0])
+        return float(contrastive_loss(text, image, model.logit_scale, groups)[0])
+
+
+def test_refinement_lowers_the_contrastive_loss_and_touches_only_the_retrieval_head():
+    model = build_model(dropout=0.2)
+    task = _task(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    start = _loss(model, *task)
+    result = refine_retrieval(model, *task, steps=150, batch_size=12, lr=1e-2, progress=False)
+    assert result.last_loss < result.first_loss
+    assert _loss(model, *task) < 0.5 * start
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {
+        "text_ret_map.weight",
+        "text_ret_map.bias",
+        "image_ret_map.weight",
+        "image_ret_map.bias",
+        "logit_scale",
+    }
+
+
+def test_refinement_is_deterministic_given_the_seed():
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = build_model(dropout=0.3)
+        refine_retrieval(model, *_task(model), steps=5, batch_size=8, seed=3, progress=False)
+        runs.append(model.image_ret_map.weight.clone())
+    assert torch.equal(runs[0], runs[1])
