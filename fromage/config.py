@@ -103,7 +103,7 @@ class DataConfig:
     """Emoji concepts never trained on (held out for evaluation)."""
     easyvqa_per_class: int = 20
     """easy-VQA training images kept per (colour, shape) caption; 0 keeps all 4,000."""
-    augment_views: int = 2
+    augment_views: int = 3
     """Extra augmented renderings per training image whose features are cached too."""
     dialogue_fraction: float = 0.0
     """Share of easy-VQA retrieval-pass queries written as a Q/A dialogue instead of a caption."""
@@ -139,7 +139,7 @@ class TrainConfig:
     The learning-rate schedule decays over the budget."""
     stop_at_step: int = 0
     """Stop (and save) at this step without changing the schedule (staged runs); 0 = off."""
-    final_eval_reserve_minutes: float = 3.5
+    final_eval_reserve_minutes: float = 4.0
     """Part of `max_minutes` kept for retrieval refinement and the final validation."""
     batch_size: int = 32
     """Captioning-pass batch."""
@@ -150,8 +150,8 @@ class TrainConfig:
     refine_steps: int = 2000
     """Steps of retrieval-map refinement on cached `[RET]` states after the joint loop
     (batch `retrieval_batch_size`; 0 = off). See refine.py."""
-    refine_batch_size: int = 256
-    refine_lr: float = 1e-3
+    refine_batch_size: int = 512
+    refine_lr: float = 2e-3
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8

@@ -86,7 +86,7 @@ def validate(
     heldout_fraction: float = 0.1,
     captions: bool = False,
     max_captions: int = 128,
-    max_token_accuracy: int = 512,
+    max_token_accuracy: int = 256,
     states: StateCache | None = None,
 ) -> dict[str, float]:
     """Metrics on one validation split. The gallery is the whole split; for emoji the queries

@@ -24,14 +24,17 @@ def test_embedded_backbones_load_offline():
     feats = encoder.encode([load_image(e.image) for e in examples])
     assert feats.shape == (4, 1280) and torch.isfinite(feats).all()
     assert tokenizer.eos_token_id is not None
-    # Fast path (traced + frozen) against its naive twin, across batch sizes.
+    # Both fast paths against their naive twin, across batch sizes (one export serves all).
+    pixels = encoder.preprocess([load_image(e.image) for e in emoji_examples("google", "train")[:7]])
     with torch.no_grad():
-        pixels = encoder.preprocess([load_image(e.image) for e in emoji_examples("google", "train")[:7]])
-        traced_3, traced_7 = encoder(pixels[:3]), encoder(pixels)
-        encoder.use_traced = False
+        encoder.backend = "eager"
         eager = encoder(pixels)
-    torch.testing.assert_close(traced_7, eager, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(traced_3, eager[:3], atol=1e-4, rtol=1e-4)
+        for backend in ("onnxruntime", "torchscript"):
+            encoder.backend = backend
+            fast_3, fast_7 = encoder(pixels[:3]), encoder(pixels)
+            torch.testing.assert_close(fast_7, eager, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(fast_3, eager[:3], atol=1e-4, rtol=1e-4)
+    assert len(encoder._sessions) == 1 and len(encoder._traced) == 1
 
 
 def test_default_recipe_runs_a_few_steps_and_checkpoint_is_small(tmp_path: Path):

@@ -11,6 +11,11 @@ tensor the encoder expects; `forward` maps it to (B, F) features.
 
 from __future__ import annotations
 
+import importlib.util
+import io
+import warnings
+from typing import Any
+
 import numpy as np
 import torch
 from PIL import Image
@@ -80,10 +85,13 @@ class EfficientNetLite0(FrozenImageEncoder):
         # channels-last runs the depthwise convolutions ~1.6x faster on CPU (measured here).
         self.net = net.to(memory_format=torch.channels_last)
         self.encoder_id = f"efficientnet-lite0@{image_size}"
-        self.use_traced = True
-        """Run a traced, frozen (conv+BN folded) copy when no gradient is needed: 33 vs 25
-        images/s here. `forward_eager` is its naive twin (tested equal)."""
+        self.backend = "auto"
+        """Without gradients on CPU: `onnxruntime` (the network exported in memory, ~80 images/s
+        on 2 cores), `torchscript` (traced and frozen, conv+BN folded, ~26 images/s) or `eager`
+        (~20). `auto` takes the first available. `forward_eager` is the naive twin every fast
+        path is tested against."""
         self._traced: dict[tuple, torch.jit.ScriptModule] = {}
+        self._sessions: dict[tuple, Any] = {}
         self.freeze()
 
     def forward_eager(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -92,8 +100,11 @@ class EfficientNetLite0(FrozenImageEncoder):
         return features.mean(dim=(2, 3))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if not self.use_traced or torch.is_grad_enabled():
+        if self.backend == "eager" or torch.is_grad_enabled():
             return self.forward_eager(pixels)
+        on_cpu = pixels.device.type == "cpu" and pixels.dtype == torch.float32
+        if self.backend == "onnxruntime" or (self.backend == "auto" and on_cpu and _has_onnxruntime()):
+            return self._forward_onnxruntime(pixels)
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         key = (tuple(pixels.shape[1:]), pixels.dtype, pixels.device)
         if key not in self._traced:
@@ -101,6 +112,42 @@ class EfficientNetLite0(FrozenImageEncoder):
             traced = torch.jit.trace(_Features(self.net), pixels, check_trace=False)
             self._traced[key] = torch.jit.freeze(traced.eval())
         return self._traced[key](pixels)
+
+    def _forward_onnxruntime(self, pixels: torch.Tensor) -> torch.Tensor:
+        key = tuple(pixels.shape[1:])
+        if key not in self._sessions:
+            self._sessions[key] = _onnxruntime_session(_Features(self.net), pixels[:1].float().cpu())
+        out = self._sessions[key].run(None, {"pixels": pixels.float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(out).to(pixels.device, pixels.dtype)
+
+
+def _has_onnxruntime() -> bool:
+    return (
+        importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+    )
+
+
+def _onnxruntime_session(module: nn.Module, example: torch.Tensor) -> Any:
+    """Export `module` to ONNX in memory (batch axis dynamic) and open a CPU session on it."""
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation and shape-inference chatter
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            buffer,
+            dynamo=False,
+            input_names=["pixels"],
+            output_names=["features"],
+            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
 class _Features(nn.Module):
