@@ -149,7 +149,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     refine_steps: int = 2000
     """Steps of retrieval-map refinement on cached `[RET]` states after the joint loop
-    (batch `retrieval_batch_size`; 0 = off). See refine.py."""
+    (batch `refine_batch_size`; 0 = off). See refine.py."""
     refine_batch_size: int = 512
     refine_lr: float = 2e-3
     lr: float = 2e-3
