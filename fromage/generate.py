@@ -1,15 +1,134 @@
-"""Decoding with the KV cache. This session's scope: batched greedy captioning.
+"""Decoding with the KV cache (DESIGN §4, §6).
 
-Captioning prompts are `[img × k][BOS]`, all the same length, so a batch needs no padding.
-`[RET]` is never allowed while captioning.
+- `greedy_captions`: batched captioning of images; `[RET]` is never allowed.
+- `decode`: one interleaved prompt → a stream of `Step`s (token ids; at each `[RET]`, the hidden
+  state that feeds the text→retrieval map). Greedy or temperature + top-p; `[RET]` controls
+  (`ret_scale_factor` scales its *probability*, so it works whatever the logit's sign;
+  `min_word_tokens`; `max_rets`). `use_cache=False` recomputes the whole sequence every token:
+  the naive twin the cached path is tested against, and the baseline of the speed benchmark.
+
+No tokenising or retrieval here: the caller turns ids into text and `[RET]` states into images.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from .data.collate import SpecialTokens
 from .model import IMAGE_TOKEN_ID, FromageModel
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    """0 = greedy; otherwise sample from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Sample only from the smallest set of tokens whose probability reaches top_p."""
+    ret_scale_factor: float = 1.0
+    """Multiplies the probability of `[RET]` (then renormalised): >1 more images, <1 fewer."""
+    min_word_tokens: int = 0
+    """No `[RET]` before this many tokens have been generated."""
+    max_rets: int = 1
+    """At most this many `[RET]`s per answer (0: text only)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.ret_scale_factor < 0:
+            raise ValueError(f"ret_scale_factor must be >= 0, got {self.ret_scale_factor}")
+
+
+@dataclass
+class Step:
+    token_id: int
+    ret_hidden: torch.Tensor | None = None
+    """(d,) the `[RET]` state (config.ret_layer, normed) when token_id is `[RET]`."""
+
+
+def next_token_scores(
+    model: FromageModel, logits: torch.Tensor, config: GenerationConfig, allow_ret: bool
+) -> torch.Tensor:
+    """(B, V+1) raw logits → (B, V+1) log-probabilities after the `[RET]` controls."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ret = model.ret_token_id
+    if not allow_ret or config.ret_scale_factor == 0:
+        logp[:, ret] = -math.inf
+    elif config.ret_scale_factor != 1.0:
+        logp[:, ret] += math.log(config.ret_scale_factor)
+    return torch.log_softmax(logp, dim=-1)
+
+
+def choose(logp: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V+1) log-probabilities → (B,) token ids (greedy, or temperature + top-p sampling)."""
+    if config.temperature == 0:
+        return logp.argmax(-1)
+    probs = torch.softmax(logp / config.temperature, dim=-1)
+    if config.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each token
+        sorted_p = sorted_p.masked_fill(before >= config.top_p, 0.0)  # the top token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def decode(
+    model: FromageModel,
+    input_ids: torch.Tensor,
+    image_features: torch.Tensor | None,
+    special: SpecialTokens,
+    config: GenerationConfig | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[Step]:
+    """Continue one prompt (1, T) whose image slots are filled from `image_features` (n, F).
+    Stops at EOS (not yielded) or after `max_new_tokens`."""
+    config = config or GenerationConfig()
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"decode takes one prompt of shape (1, T), got {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token or image")
+    device = model.ret_embedding.device
+    ids = input_ids.to(device)
+    feats = None if image_features is None else image_features.to(device)
+    out = model(ids, image_features=feats, use_cache=use_cache, compute_logits=False)
+    cache = out.cache
+    hidden = out.last_hidden[:, -1]
+    rets = 0
+    for produced in range(config.max_new_tokens):
+        allow_ret = rets < config.max_rets and produced >= config.min_word_tokens
+        logp = next_token_scores(model, model.full_logits(hidden), config, allow_ret)
+        token = choose(logp, config, generator)  # (1,)
+        if int(token) == special.eos:
+            return
+        if use_cache:
+            step = model(
+                token[:, None],
+                cache=cache,
+                use_cache=True,
+                compute_logits=False,
+                position_ids=torch.full((1, 1), ids.shape[1], device=device),
+            )
+            cache = step.cache
+        else:
+            # The naive twin: the whole sequence again, images included.
+            step = model(torch.cat([ids, token[:, None]], 1), image_features=feats, compute_logits=False)
+        ids = torch.cat([ids, token[:, None]], 1)
+        hidden = step.last_hidden[:, -1]
+        if int(token) == model.ret_token_id:
+            rets += 1
+            yield Step(int(token), step.ret_hidden[0, -1].float())
+        else:
+            yield Step(int(token))
 
 
 @torch.no_grad()
@@ -20,7 +139,8 @@ def greedy_captions(
     max_new_tokens: int = 24,
     batch_size: int = 128,
 ) -> list[list[int]]:
-    """(N, F) image features → N generated token-id lists (EOS excluded)."""
+    """(N, F) image features → N generated token-id lists (EOS excluded).
+    Prompts are `[img × k][BOS]`, all the same length, so a batch needs no padding."""
     k = model.config.num_visual_tokens
     device = model.ret_embedding.device
     results: list[list[int]] = []
