@@ -1,0 +1,100 @@
+"""Text-generation speed on the embedded default, side by side in one run (issue #3).
+
+    .venv/bin/python bench/decode_speed.py [--checkpoint runs/default/checkpoint] [--rounds 3]
+
+64 new tokens after a 32-token prompt, greedy, EOS ignored so every run makes all 64:
+- `decode` with the KV cache vs `decode(use_cache=False)` (full recomputation each token) on an
+  interleaved prompt (text, one image = k visual tokens, text);
+- `decode` vs `transformers`' own `generate()` on the same text-only prompt.
+Rounds interleave the contenders so machine noise hits all alike. Weights do not change the
+speed; an untrained model is used when no checkpoint is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from fromage.backbones import load_lm
+from fromage.config import TrainConfig
+from fromage.data.collate import SpecialTokens
+from fromage.generate import GenerationConfig, decode
+from fromage.model import IMAGE_TOKEN_ID, FromageModel
+
+PROMPT_TOKENS = 32
+NEW_TOKENS = 64
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default="")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if args.checkpoint:
+        model = FromageModel.from_pretrained(args.checkpoint, load_encoder=False)
+        tokenizer = load_lm(model.config.lm)[1]
+    else:
+        config = TrainConfig().model
+        lm, tokenizer = load_lm(config.lm)
+        model = FromageModel(config, lm, feature_dim=1280)
+    model.eval()
+    k = model.config.num_visual_tokens
+    text = tokenizer(
+        "Q: what is in this picture and what does it remind you of? A:", add_special_tokens=False
+    )["input_ids"]
+    text = (text * 4)[: PROMPT_TOKENS - k - 1]
+    half = len(text) // 2
+    interleaved = torch.tensor([[tokenizer.bos_token_id, *text[:half], *[IMAGE_TOKEN_ID] * k, *text[half:]]])
+    feats = torch.randn(1, model.config.feature_dim)
+    text_only = torch.tensor([[tokenizer.bos_token_id, *(text * 2)[: PROMPT_TOKENS - 1]]])
+    assert interleaved.shape[1] == text_only.shape[1] == PROMPT_TOKENS
+    # EOS never matches, so each run produces exactly NEW_TOKENS tokens.
+    special = SpecialTokens(bos=tokenizer.bos_token_id, eos=-1, pad=0)
+    gen = GenerationConfig(max_new_tokens=NEW_TOKENS, max_rets=0)
+
+    def ours(ids: torch.Tensor, images: torch.Tensor | None, cache: bool) -> Callable[[], int]:
+        return lambda: len(list(decode(model, ids, images, special, gen, use_cache=cache)))
+
+    def hf() -> int:
+        out = model.lm.model.generate(
+            text_only,
+            attention_mask=torch.ones_like(text_only),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+        return int(out.shape[1] - text_only.shape[1])
+
+    contenders = {
+        "interleaved, KV cache (decode)": ours(interleaved, feats, True),
+        "interleaved, full recomputation": ours(interleaved, feats, False),
+        "text-only, KV cache (decode)": ours(text_only, None, True),
+        "text-only, transformers generate()": hf,
+    }
+    seconds = dict.fromkeys(contenders, 0.0)
+    tokens = dict.fromkeys(contenders, 0)
+    with torch.no_grad():
+        for fn in contenders.values():  # warm-up
+            fn()
+        for _ in range(args.rounds):
+            for name, fn in contenders.items():
+                start = time.perf_counter()
+                tokens[name] += fn()
+                seconds[name] += time.perf_counter() - start
+    rate = {name: tokens[name] / seconds[name] for name in contenders}
+    print(
+        f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, {args.rounds} rounds, {torch.get_num_threads()} threads"
+    )
+    for name in contenders:
+        print(f"{name:>36}: {rate[name]:7.1f} tokens/s")
+    names = list(contenders)
+    print(f"KV cache / full recomputation: {rate[names[0]] / rate[names[1]]:.2f}x")
+    print(f"decode / transformers generate (text-only): {rate[names[2]] / rate[names[3]]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
