@@ -59,6 +59,27 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    """Embed a collection into a checkpoint's retrieval space; re-runs add only new images."""
+    from .indexing import checkpoint_digest, index_collection
+    from .model import FromageModel
+
+    model = FromageModel.from_pretrained(args.model, device=args.device).eval()
+    report = index_collection(
+        args.source,
+        model,
+        checkpoint_digest(args.model),
+        args.out,
+        image_dir=args.image_dir,
+        index_type=args.index_type,
+        max_bad_fraction=args.max_bad_fraction,
+    )
+    print(f"index: {report.directory} ({report.total} images; type {args.index_type})")
+    print(f"added {report.added}, already indexed {report.skipped}; {report.bad}")
+    print(f"{report.seconds:.1f} s, {report.images_per_second:.1f} images/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fromage", description="FROMAGe: frozen LMs grounded to images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -71,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="JSON file with a TrainConfig (overrides still apply)")
     sub.add_parser("fetch", help="fetch the offline assets (emoji images, SmolLM2 conversion) once")
+    p = sub.add_parser(
+        "index",
+        help="embed an image collection for retrieval (re-runs add only new images)",
+        description="SOURCE: a folder of images, a .tsv (caption<TAB>image) or .jsonl file, or a "
+        "built-in set: emoji-google, emoji-twitter, easyvqa-train, easyvqa-test.",
+    )
+    p.add_argument("source")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + model.safetensors)")
+    p.add_argument("--out", required=True, help="index directory to create or grow")
+    p.add_argument("--index-type", default="auto", choices=["auto", "flat", "hnsw", "ivf"])
+    p.add_argument("--image-dir", default=None, help="where relative image paths of a TSV/JSONL resolve")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01)
+    p.add_argument("--device", default="cpu")
     return parser
 
 
@@ -86,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "fetch":
         return cmd_fetch(args)
+    if args.command == "index":
+        return cmd_index(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -43,7 +43,7 @@ def tiny_world(tmp_path_factory):
     images.mkdir()
     rows = ["caption\timage"]
     for color in COLORS:
-        for shape in enumerate(("circle", "square")):
+        for shape in ("circle", "square"):
             img = Image.new("RGB", (16, 16), (255, 255, 255))
             box = (3, 3, 13, 13)
             from PIL import ImageDraw
@@ -111,12 +111,40 @@ def test_tiny_models_train_and_lower_their_loss(tiny_world, tmp_path, lm):
         values = [r[key] for r in rows[part]]
         return sum(values) / len(values)
 
-    # Each trained pathway improves: [RET] + maps (contrastive) and the total clearly; the
-    # visual tokens (captioning) only a little, since a tiny random LM's next-token
-    # distribution is nearly uniform whatever its input.
+    # [RET] + maps (contrastive) and the total improve clearly. Captioning through a tiny random
+    # LM barely moves in a joint run (its next-token distribution is nearly uniform whatever the
+    # input): here it must not get worse; `test_caption_pathway_learns` tests it on its own.
     assert mean("loss", slice(-10, None)) < mean("loss", slice(0, 10)) * 0.95
     assert mean("contrastive_loss", slice(-10, None)) < mean("contrastive_loss", slice(0, 10)) * 0.5
-    assert mean("caption_loss", slice(-10, None)) < mean("caption_loss", slice(0, 10)) * 0.995
+    assert mean("caption_loss", slice(-10, None)) < mean("caption_loss", slice(0, 10)) * 1.002
+
+
+@pytest.mark.parametrize("lm", ["llama", "opt"])
+def test_caption_pathway_learns(lm):
+    """The visual map alone, through the frozen LM, lowers the caption loss of a fixed batch.
+    A tiny random LM's logits span little (its head is initialised at std 0.02), so the
+    reachable drop is ~0.15 nats from log(96); without gradient flow it would be 0."""
+    from fromage.data.collate import SpecialTokens, caption_batch
+    from fromage.losses import caption_loss
+
+    from .conftest import build_model, tiny_llama, tiny_opt
+
+    model = build_model(tiny_llama(tied=False) if lm == "llama" else tiny_opt(), k=2)
+    model.train()
+    torch.manual_seed(0)
+    captions = [[5 + i, 20 + i, 40 + i] for i in range(8)]
+    batch = caption_batch(captions, 2, SpecialTokens(1, 2, 0))
+    feats = torch.randn(8, model.config.feature_dim)
+    optimizer = torch.optim.Adam(model.visual_map.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        logits, targets = model.caption_forward(batch.input_ids, batch.attention_mask, feats, batch.labels)
+        loss = caption_loss(logits, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.08, losses[::8]
 
 
 def test_only_trainables_get_optimizer_state(tiny_world, tmp_path):
