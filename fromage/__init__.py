@@ -1,7 +1,21 @@
 """fromage: FROMAGe (Koh et al., ICML 2023) on any Hugging Face LM and image encoder."""
 
+from typing import TYPE_CHECKING, Any
+
 from .config import DataConfig, EncoderConfig, LMConfig, ModelConfig, TrainConfig
-from .model import FromageModel
+
+if TYPE_CHECKING:
+    from .model import FromageModel
 
 __version__ = "0.1.0"
 __all__ = ["FromageModel", "ModelConfig", "LMConfig", "EncoderConfig", "DataConfig", "TrainConfig"]
+
+
+def __getattr__(name: str) -> Any:
+    # The model pulls in torch (~4 s): commands that may not need it (`fromage index` on an
+    # up-to-date collection) stay fast.
+    if name == "FromageModel":
+        from .model import FromageModel
+
+        return FromageModel
+    raise AttributeError(f"module 'fromage' has no attribute {name!r}")

@@ -61,18 +61,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     """Embed a collection into a checkpoint's retrieval space; re-runs add only new images."""
-    from .indexing import checkpoint_digest, index_collection
-    from .model import FromageModel
+    from .indexing import index_collection
 
-    model = FromageModel.from_pretrained(args.model, device=args.device).eval()
     report = index_collection(
         args.source,
-        model,
-        checkpoint_digest(args.model),
+        args.model,
         args.out,
         image_dir=args.image_dir,
         index_type=args.index_type,
         max_bad_fraction=args.max_bad_fraction,
+        device=args.device,
     )
     print(f"index: {report.directory} ({report.total} images; type {args.index_type})")
     print(f"added {report.added}, already indexed {report.skipped}; {report.bad}")

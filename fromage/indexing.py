@@ -14,17 +14,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .data.builtin import easyvqa_examples, emoji_examples
-from .data.dataset import extract_features
+from .data.digest import file_digest
 from .data.examples import Example
-from .data.features import file_digest
 from .data.readers import BadInputLog, read_collection
-from .index import ImageIndex
-from .model import FromageModel
-from .validation import embed_images
+from .index import BadIndex, ImageIndex
+
+if TYPE_CHECKING:
+    from .model import FromageModel
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 BUILTIN = ("emoji-google", "emoji-twitter", "easyvqa-train", "easyvqa-test")
@@ -63,32 +64,34 @@ def list_source(source: str, image_dir: str | None, bad: BadInputLog) -> list[Ex
 
 
 def checkpoint_digest(checkpoint_dir: str | Path) -> str:
-    """SHA-256 of the checkpoint's trained tensors file: an index belongs to these weights."""
+    """SHA-256 over the checkpoint's config and trained tensors: an index belongs to exactly
+    this model (backbone names, dimensions and weights)."""
     h = hashlib.sha256()
-    with open(Path(checkpoint_dir) / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for name in ("config.json", "model.safetensors"):  # checkpoint.py's layout
+        with open(Path(checkpoint_dir) / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
 def index_collection(
     source: str,
-    model: FromageModel,
-    digest: str,
+    checkpoint_dir: str | Path,
     out_dir: str | Path,
     image_dir: str | None = None,
     index_type: str = "auto",
     max_bad_fraction: float = 0.01,
+    device: str = "cpu",
+    model: FromageModel | None = None,
 ) -> IndexReport:
-    """Build `out_dir`, or grow it with the images of `source` it does not hold yet."""
-    if model.encoder is None:
-        raise ValueError("indexing needs the model's image encoder (load it with load_encoder=True)")
+    """Build `out_dir`, or grow it with the images of `source` it does not hold yet. The model
+    is loaded from `checkpoint_dir` (unless passed) only when there is something to embed."""
     start = time.time()
     out_dir = Path(out_dir)
-    encoder_id = model.encoder.encoder_id
+    digest = checkpoint_digest(checkpoint_dir)
     existing = None
     if (out_dir / "manifest.json").exists():
-        existing = ImageIndex.load(out_dir, encoder_id, digest, model.config.retrieval_dim)
+        existing = ImageIndex.load(out_dir, checkpoint_digest=digest)
     bad = BadInputLog()
     examples = list_source(source, image_dir, bad)
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -105,6 +108,23 @@ def index_collection(
     added = 0
     index = existing
     if todo:
+        # torch and the model load only when something is new (an up-to-date re-run takes ~1 s).
+        from .data.dataset import extract_features
+        from .model import FromageModel
+        from .validation import embed_images
+
+        model = model or FromageModel.from_pretrained(checkpoint_dir, device=device).eval()
+        if model.encoder is None:
+            raise ValueError("indexing needs the model's image encoder (load it with load_encoder=True)")
+        encoder_id = model.encoder.encoder_id
+        if existing is not None and (existing.manifest.encoder_id, existing.manifest.dim) != (
+            encoder_id,
+            model.config.retrieval_dim,
+        ):
+            raise BadIndex(
+                f"{out_dir}: index built with encoder {existing.manifest.encoder_id!r} and dimension "
+                f"{existing.manifest.dim}, this model has {encoder_id!r} and {model.config.retrieval_dim}"
+            )
         split = extract_features([e for e, _ in todo], model.encoder, bad, desc="index features")
         bad.check(max(len(examples), 1), max_bad_fraction)
         embeddings = embed_images(model, split.features[0]).numpy().astype(np.float32)

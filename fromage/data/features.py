@@ -8,7 +8,6 @@ in its metadata, so opening the cache reads no tensors.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,15 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .digest import file_digest
+
+__all__ = ["FeatureCache", "file_digest"]
+
 log = logging.getLogger(__name__)
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FeatureCache:
