@@ -32,15 +32,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="frozen LM weights"
+    )
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     if args.checkpoint:
-        model = FromageModel.from_pretrained(args.checkpoint, load_encoder=False)
+        model = FromageModel.from_pretrained(args.checkpoint, load_encoder=False, dtype=dtype)
         tokenizer = load_lm(model.config.lm)[1]
     else:
         config = TrainConfig().model
+        config.lm.dtype = args.dtype
         lm, tokenizer = load_lm(config.lm)
         model = FromageModel(config, lm, feature_dim=1280)
     model.eval()
+    if dtype != torch.float32:  # HF generate() runs the same weights as decode
+        model.lm.model.to(dtype)
     k = model.config.num_visual_tokens
     text = tokenizer(
         "Q: what is in this picture and what does it remind you of? A:", add_special_tokens=False
