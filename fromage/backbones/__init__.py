@@ -84,6 +84,15 @@ def load_lm(config: LMConfig, device: str | torch.device = "cpu") -> tuple[Froze
     return FrozenLM(model.to(device)), tokenizer
 
 
+def load_tokenizer(config: LMConfig) -> Any:
+    """The LM's tokenizer alone (no weights loaded)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        str(embedded_lm_dir()) if config.name == EMBEDDED_LM else config.name
+    )
+
+
 def load_encoder(config: EncoderConfig, device: str | torch.device = "cpu") -> FrozenImageEncoder:
     if config.name == EMBEDDED_ENCODER:
         return _load_efficientnet(config.image_size).to(device)

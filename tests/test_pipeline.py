@@ -1,0 +1,100 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fromage.images import ImageError
+from fromage.indexing import index_collection
+from fromage.pipeline import Fromage, RetrievedImage
+
+from .test_train import tiny_config, tiny_world  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def bot(tiny_world, tmp_path_factory):  # noqa: F811
+    from fromage.train import train
+
+    root = tmp_path_factory.mktemp("pipeline")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FROMAGE_HOME", str(root / "home"))
+        result = train(tiny_config(tiny_world, root / "run", max_steps=2, refine_steps=0))
+        photos = root / "photos"
+        shutil.copytree(tiny_world / "images", photos, ignore=shutil.ignore_patterns("*.tsv"))
+        index_collection(str(photos), result.checkpoint, root / "idx")
+        yield Fromage.from_pretrained(result.checkpoint, index=root / "idx"), photos
+
+
+def test_generate_interleaves_text_and_images_and_never_returns_context_images(bot):
+    fromage, photos = bot
+    first = sorted(photos.glob("*.png"))[0]
+    answer = fromage.generate(
+        ["red", first, "blue circle"], max_new_tokens=8, ret_scale_factor=1e6, min_word_tokens=1, max_rets=2
+    )
+    images = [p for p in answer if isinstance(p, RetrievedImage)]
+    texts = [p for p in answer if isinstance(p, str)]
+    assert len(images) == 2 and texts
+    assert all(Path(img.path) != first for img in images)  # the prompt's own image is excluded
+    assert len({img.row for img in images}) == 2  # and no image twice in one answer
+
+
+def test_stream_yields_the_same_answer_as_generate(bot):
+    fromage, _ = bot
+    kwargs = {"max_new_tokens": 10, "temperature": 0.8, "seed": 3, "ret_scale_factor": 50.0}
+    streamed = list(fromage.stream(["a red"], **kwargs))
+    whole = fromage.generate(["a red"], **kwargs)
+    text_stream = "".join(p for p in streamed if isinstance(p, str))
+    assert text_stream == "".join(p for p in whole if isinstance(p, str))
+
+
+def test_retrieve_ranks_the_index_by_the_ret_embedding(bot):
+    fromage, _ = bot
+    found = fromage.retrieve(["a green square"], k=4)
+    assert len(found) == 4 and [f.score for f in found] == sorted((f.score for f in found), reverse=True)
+    # Brute force over every indexed embedding gives the same order.
+    enc = fromage.encode(["a green square"])
+    ids = torch.cat([enc.input_ids, torch.tensor([[fromage.model.ret_token_id]])], 1)
+    with torch.no_grad():
+        hidden = fromage.model(ids).ret_hidden[0, -1]
+        query = fromage.model.text_embeddings(hidden[None]).numpy()
+    scores = (query @ fromage.index.embeddings.T)[0]
+    assert [f.row for f in found] == list(scores.argsort()[::-1][:4])
+
+
+def test_score_is_the_shifted_log_likelihood_of_each_candidate(bot):
+    fromage, photos = bot
+    image = sorted(photos.glob("*.png"))[1]
+    prompt = [image, "a"]
+    got = fromage.score(prompt, ["red circle", "blue square"])
+    for text, value in zip(["red circle", "blue square"], got, strict=True):
+        enc = fromage.encode(prompt)
+        cand = fromage.tokenizer(text, add_special_tokens=False)["input_ids"]
+        total = 0.0
+        for i, token in enumerate(cand):  # naive: one forward per candidate token
+            ids = torch.cat([enc.input_ids, torch.tensor([cand[:i]], dtype=torch.long)], 1)
+            with torch.no_grad():
+                logits = fromage.model(ids, image_features=enc.image_features).logits[0, -1]
+            total += float(torch.log_softmax(logits.float(), -1)[token])
+        assert value == pytest.approx(total, abs=1e-4)
+
+
+def test_caption_returns_text(bot):
+    fromage, photos = bot
+    assert isinstance(fromage.caption(sorted(photos.glob("*.png"))[0]), str)
+
+
+def test_bad_prompts_get_clear_errors(bot, tmp_path):
+    fromage, _ = bot
+    with pytest.raises(ValueError, match="no text and no image"):
+        fromage.generate([])
+    missing = tmp_path / "nope.png"
+    with pytest.raises(ImageError, match="nope.png"):
+        fromage.generate(["look", missing])
+    with pytest.raises(TypeError, match="prompt items"):
+        fromage.generate([42])  # type: ignore[list-item]
+    no_index = Fromage(fromage.model, fromage.tokenizer)
+    with pytest.raises(ValueError, match="needs an image index"):
+        no_index.retrieve(["a red circle"])
+    # Without an index, generation simply never asks for an image.
+    answer = no_index.generate(["a red"], max_new_tokens=6, ret_scale_factor=1e6)
+    assert not any(isinstance(p, RetrievedImage) for p in answer)
