@@ -78,6 +78,32 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt(texts: Sequence[str], images: Sequence[str]) -> list:
+    from pathlib import Path
+
+    return [*texts, *(Path(p) for p in images)]
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from .pipeline import Fromage
+
+    bot = Fromage.from_pretrained(args.model, index=args.index, device=args.device)
+    for found in bot.retrieve(_prompt([args.text] if args.text else [], args.image), k=args.k):
+        print(f"{found.score:.3f}\t{found.path}\t{found.caption}")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .pipeline import Fromage
+
+    bot = Fromage.from_pretrained(args.model, device=args.device)
+    for path in args.images:
+        print(f"{path}\t{bot.caption(Path(path))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fromage", description="FROMAGe: frozen LMs grounded to images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -103,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", default=None, help="where relative image paths of a TSV/JSONL resolve")
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
     p.add_argument("--device", default="cpu")
+    p = sub.add_parser("retrieve", help="text and/or images + [RET] → the best images of an index")
+    p.add_argument("text", nargs="?", default="", help="the text part of the prompt")
+    p.add_argument("--image", action="append", default=[], help="an image for the prompt (repeatable)")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--index", required=True, help="index directory built by `fromage index`")
+    p.add_argument("-k", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p = sub.add_parser("caption", help="greedy captions of images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--device", default="cpu")
     return parser
 
 
@@ -120,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_fetch(args)
     if args.command == "index":
         return cmd_index(args)
+    if args.command == "retrieve":
+        return cmd_retrieve(args)
+    if args.command == "caption":
+        return cmd_caption(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

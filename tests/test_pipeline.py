@@ -98,3 +98,35 @@ def test_bad_prompts_get_clear_errors(bot, tmp_path):
     # Without an index, generation simply never asks for an image.
     answer = no_index.generate(["a red"], max_new_tokens=6, ret_scale_factor=1e6)
     assert not any(isinstance(p, RetrievedImage) for p in answer)
+
+
+def test_cli_retrieve_and_caption(bot, capsys):
+    from fromage.cli import main
+
+    fromage, photos = bot
+    checkpoint = Path(fromage.index.metadata[0]["path"]).parent.parent / "run" / "checkpoint"
+    index_dir = photos.parent / "idx"
+    image = sorted(photos.glob("*.png"))[0]
+    assert (
+        main(
+            [
+                "retrieve",
+                "a red circle",
+                "--image",
+                str(image),
+                "--model",
+                str(checkpoint),
+                "--index",
+                str(index_dir),
+                "-k",
+                "2",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    lines = out.rstrip("\n").split("\n")
+    assert len(lines) == 2 and all(line.count("\t") == 2 for line in lines), out
+    assert str(image) not in out  # the prompt's image is not retrieved
+    assert main(["caption", str(image), "--model", str(checkpoint)]) == 0
+    assert capsys.readouterr().out.startswith(str(image) + "\t")
