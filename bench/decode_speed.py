@@ -1,13 +1,15 @@
 """Text-generation speed on the embedded default, side by side in one run (issue #3).
 
-    .venv/bin/python bench/decode_speed.py [--checkpoint runs/default/checkpoint] [--rounds 3]
+    .venv/bin/python bench/decode_speed.py [--checkpoint DIR] [--rounds 3] [--lm-weights bfloat16]
 
 64 new tokens after a 32-token prompt, greedy, EOS ignored so every run makes all 64:
 - `decode` with the KV cache vs `decode(use_cache=False)` (full recomputation each token) on an
   interleaved prompt (text, one image = k visual tokens, text);
 - `decode` vs `transformers`' own `generate()` on the same text-only prompt.
 Rounds interleave the contenders so machine noise hits all alike. Weights do not change the
-speed; an untrained model is used when no checkpoint is given.
+speed; an untrained model is used when no checkpoint is given. `--lm-weights bfloat16` stores
+the frozen LM's linear weights in bf16 (backbones/bf16_weights.py) for *every* contender,
+`generate()` included: the same model on each side.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ def main() -> None:
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="frozen LM weights"
     )
+    parser.add_argument(
+        "--lm-weights",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="storage of the frozen LM's linear weights (activations stay float32)",
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.checkpoint:
@@ -46,6 +54,8 @@ def main() -> None:
         lm, tokenizer = load_lm(config.lm)
         model = FromageModel(config, lm, feature_dim=1280)
     model.eval()
+    if args.lm_weights == "bfloat16":
+        model.lm.store_weights_bf16()
     if dtype != torch.float32:  # HF generate() runs the same weights as decode
         model.lm.model.to(dtype)
     k = model.config.num_visual_tokens
@@ -94,7 +104,8 @@ def main() -> None:
                 seconds[name] += time.perf_counter() - start
     rate = {name: tokens[name] / seconds[name] for name in contenders}
     print(
-        f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, {args.rounds} rounds, {torch.get_num_threads()} threads"
+        f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, {args.rounds} rounds, "
+        f"{torch.get_num_threads()} threads, LM {args.dtype}, linear weights {args.lm_weights}"
     )
     for name in contenders:
         print(f"{name:>36}: {rate[name]:7.1f} tokens/s")

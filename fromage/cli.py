@@ -104,6 +104,72 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_answer(piece, out=sys.stdout) -> None:
+    if isinstance(piece, str):
+        out.write(piece)
+    else:
+        for img in piece:
+            out.write(f"\n  [image {img.path} | {img.caption} | score {img.score:.2f}]\n")
+    out.flush()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive dialogue on stdin: `@path` attaches an image; /save FILE, /reset, /quit."""
+    from .chat import Conversation, parse_line
+    from .images import ImageError
+    from .pipeline import Fromage
+    from .transcript import save_html
+
+    bot = Fromage.from_pretrained(args.model, index=args.index, device=args.device)
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "ret_scale_factor": args.ret_scale_factor,
+        "images_per_ret": args.images_per_ret,
+        "max_rets": args.max_rets,
+    }
+    chat = Conversation(bot, **settings)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("fromage chat: @path attaches an image; /save FILE, /reset, /quit", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            chat.turns.clear()
+            continue
+        if line.startswith("/save"):
+            target = line[len("/save") :].strip() or args.save or "transcript.html"
+            print(f"saved {save_html(chat.turns, target)}", file=sys.stderr)
+            continue
+        print("fromage> ", end="", flush=True)
+        try:
+            for piece in chat.ask(parse_line(line)):
+                _print_answer(piece)
+        except (ImageError, ValueError) as error:  # a bad attachment ends the turn, not the chat
+            print(f"\nerror: {error}", file=sys.stderr)
+        print()
+    if args.save:
+        print(f"saved {save_html(chat.turns, args.save)}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.model, args.index, args.save)
+    return 0 if report.correct == report.requests or not args.check else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fromage", description="FROMAGe: frozen LMs grounded to images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -140,6 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--device", default="cpu")
+    p = sub.add_parser(
+        "chat",
+        help="interactive dialogue: text and @image in, text and retrieved images out",
+        description='Type a message per line; @path (or @"path with spaces") attaches an image '
+        "where it appears. /save FILE writes the conversation as HTML, /reset forgets it, /quit ends.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--index", default=None, help="index directory (without one, answers are text only)")
+    p.add_argument("--save", default="", help="write the transcript as HTML here at the end")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--ret-scale-factor", type=float, default=1.3)
+    p.add_argument("--images-per-ret", type=int, default=1)
+    p.add_argument("--max-rets", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p = sub.add_parser("demo", help="the shipped model in a scripted conversation (prints it, writes HTML)")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    p.add_argument("--index", default=None, help="emoji index directory (default: under FROMAGE_HOME)")
+    p.add_argument("--save", default="demo_transcript.html", help="where to write the HTML transcript")
+    p.add_argument("--check", action="store_true", help="exit 1 unless every request found its emoji")
     return parser
 
 
@@ -161,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_retrieve(args)
     if args.command == "caption":
         return cmd_caption(args)
+    if args.command == "chat":
+        return cmd_chat(args)
+    if args.command == "demo":
+        return cmd_demo(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

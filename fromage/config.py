@@ -105,8 +105,9 @@ class DataConfig:
     """easy-VQA training images kept per (colour, shape) caption; 0 keeps all 4,000."""
     augment_views: int = 3
     """Extra augmented renderings per training image whose features are cached too."""
-    dialogue_fraction: float = 0.0
-    """Share of easy-VQA retrieval-pass queries written as a Q/A dialogue instead of a caption."""
+    request_forms: int = 1
+    """Request sentences per caption ("show me a red apple", data/requests.py) that retrieval
+    refinement trains on beside the caption; 0 = captions only."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -115,6 +116,8 @@ class DataConfig:
             raise ValueError(
                 f"heldout_concept_fraction must be in [0, 1), got {self.heldout_concept_fraction}"
             )
+        if not 0 <= self.request_forms <= 8:
+            raise ValueError(f"request_forms must be in 0..8, got {self.request_forms}")
         if not self.sources:
             raise ValueError("data.sources is empty: name at least one dataset")
 
@@ -139,7 +142,7 @@ class TrainConfig:
     The learning-rate schedule decays over the budget."""
     stop_at_step: int = 0
     """Stop (and save) at this step without changing the schedule (staged runs); 0 = off."""
-    final_eval_reserve_minutes: float = 4.0
+    final_eval_reserve_minutes: float = 4.5
     """Part of `max_minutes` kept for retrieval refinement and the final validation."""
     batch_size: int = 32
     """Captioning-pass batch."""

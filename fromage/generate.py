@@ -35,6 +35,10 @@ class GenerationConfig:
     """No `[RET]` before this many tokens have been generated."""
     max_rets: int = 1
     """At most this many `[RET]`s per answer (0: text only)."""
+    images_per_ret: int = 1
+    """Images retrieved at each `[RET]` (the best ones not already in the conversation)."""
+    stop: tuple[str, ...] = ()
+    """The answer ends before the first occurrence of any of these strings (not included)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -45,6 +49,13 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.ret_scale_factor < 0:
             raise ValueError(f"ret_scale_factor must be >= 0, got {self.ret_scale_factor}")
+        if self.images_per_ret < 1:
+            raise ValueError(f"images_per_ret must be >= 1, got {self.images_per_ret}")
+        if isinstance(self.stop, str):  # a lone string is one stop string, not its characters
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
 
 
 @dataclass

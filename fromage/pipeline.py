@@ -9,7 +9,7 @@ and `score` cover captioning, prompt → images, and answer selection by log-lik
     from fromage.pipeline import Fromage
 
     bot = Fromage.from_pretrained("runs/default/checkpoint", index="indexes/emoji-google")
-    bot.generate(["Q: show me a red apple\\nA:"], ret_scale_factor=5.0)
+    bot.generate(["show me a red apple"], ret_scale_factor=5.0, stop=("\\n",))
     bot.caption(Path("photo.jpg"))
 """
 
@@ -82,8 +82,15 @@ class Fromage:
         index: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        lm_weights: str = "float32",
     ) -> Fromage:
+        """`dtype` converts the whole frozen LM; `lm_weights="bfloat16"` instead stores only its
+        linear weights in bf16 with float32 activations (~2× faster decoding on CPU)."""
+        if lm_weights not in ("float32", "bfloat16"):
+            raise ValueError(f"lm_weights must be 'float32' or 'bfloat16', got {lm_weights!r}")
         model = FromageModel.from_pretrained(checkpoint, device=device, dtype=dtype)
+        if lm_weights == "bfloat16":
+            model.lm.store_weights_bf16()
         loaded = None
         if index is not None:
             from .indexing import checkpoint_digest
@@ -143,57 +150,90 @@ class Fromage:
     @torch.no_grad()
     def retrieve(self, prompt: Sequence[PromptItem], k: int = 3) -> list[RetrievedImage]:
         """Prompt (text, images or both) + `[RET]` → the k best images of the index."""
+        return self.retrieve_batch([prompt], k)[0]
+
+    @torch.no_grad()
+    def retrieve_batch(
+        self, prompts: Sequence[Sequence[PromptItem]], k: int = 3
+    ) -> list[list[RetrievedImage]]:
+        """`retrieve` for many prompts in one forward pass (left-padded batch)."""
         if self.index is None:
             raise ValueError("retrieval needs an image index: Fromage.from_pretrained(..., index=DIR)")
-        enc = self.encode(prompt)
-        ids = torch.cat([enc.input_ids, torch.tensor([[self.model.ret_token_id]])], 1)
+        encoded = [self.encode(p) for p in prompts]
+        if not encoded:
+            return []
+        rows = [[*e.input_ids[0].tolist(), self.model.ret_token_id] for e in encoded]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.special.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        feats = [e.image_features for e in encoded if e.image_features is not None]
         device = self.model.ret_embedding.device
-        feats = None if enc.image_features is None else enc.image_features.to(device)
-        out = self.model(ids.to(device), image_features=feats, compute_logits=False)
-        return self._search(out.ret_hidden[0, -1], k, enc.context_rows)
+        out = self.model(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            image_features=torch.cat(feats).to(device) if feats else None,
+            position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
+            compute_logits=False,
+        )
+        return [self._search(out.ret_hidden[i, -1], k, e.context_rows) for i, e in enumerate(encoded)]
 
     # ------------------------------------------------------------------ generation
 
-    def stream(
-        self, prompt: Sequence[PromptItem], images_per_ret: int = 1, seed: int | None = None, **overrides: Any
-    ) -> Iterator[str | list[RetrievedImage]]:
-        """Yield text pieces as they are decoded and, at each `[RET]`, the retrieved images.
-        `overrides` are `GenerationConfig` fields (max_new_tokens, temperature, top_p, …)."""
+    def _config(self, overrides: dict[str, Any]) -> GenerationConfig:
         config = dataclasses.replace(self.generation, **overrides)
         if self.index is None:
             config = dataclasses.replace(config, max_rets=0)  # nothing to retrieve from
+        return config
+
+    def stream(
+        self, prompt: Sequence[PromptItem], seed: int | None = None, **overrides: Any
+    ) -> Iterator[str | list[RetrievedImage]]:
+        """Yield text pieces as they are decoded and, at each `[RET]`, the retrieved images.
+        `overrides` are `GenerationConfig` fields (max_new_tokens, temperature, top_p, stop, …)."""
+        config = self._config(overrides)
         enc = self.encode(prompt)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        pending: list[int] = []
-        shown = ""
+        pending: list[int] = []  # tokens of the text since the last [RET]
+        shown = ""  # the part of their text already yielded
         exclude = set(enc.context_rows)
         for step in decode(self.model, enc.input_ids, enc.image_features, self.special, config, generator):
             if step.ret_hidden is None:
                 pending.append(step.token_id)
                 text = self.tokenizer.decode(pending, skip_special_tokens=True)
-                if len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only
-                    yield text[len(shown) :]
-                    shown = text
+                if text.endswith("\ufffd"):  # half a character: wait for the rest
+                    continue
+                safe, stopped = split_at_stop(text, config.stop)
+                if len(safe) > len(shown):
+                    yield safe[len(shown) :]
+                    shown = safe
+                if stopped:
+                    return
                 continue
-            if pending:
-                text = self.tokenizer.decode(pending, skip_special_tokens=True)
-                if len(text) > len(shown):
-                    yield text[len(shown) :]
-                pending, shown = [], ""
-            found = self._search(step.ret_hidden, images_per_ret, exclude)
+            rest = self._rest(pending, shown)
+            if rest:
+                yield rest
+            pending, shown = [], ""
+            found = self._search(step.ret_hidden, config.images_per_ret, exclude)
             exclude |= {img.row for img in found}  # one image is not shown twice in an answer
             yield found
-        if pending:
-            text = self.tokenizer.decode(pending, skip_special_tokens=True)
-            if len(text) > len(shown):
-                yield text[len(shown) :]
+        rest = self._rest(pending, shown)
+        if rest:
+            yield rest
+
+    def _rest(self, pending: list[int], shown: str) -> str:
+        """Text of `pending` not yet yielded (held back as a possible stop string, or partial)."""
+        text = self.tokenizer.decode(pending, skip_special_tokens=True) if pending else ""
+        return text[len(shown) :]
 
     def generate(
-        self, prompt: Sequence[PromptItem], images_per_ret: int = 1, seed: int | None = None, **overrides: Any
+        self, prompt: Sequence[PromptItem], seed: int | None = None, **overrides: Any
     ) -> list[str | RetrievedImage]:
         """The answer as a list: text pieces (merged) and retrieved images, in order."""
         out: list[str | RetrievedImage] = []
-        for piece in self.stream(prompt, images_per_ret, seed, **overrides):
+        for piece in self.stream(prompt, seed, **overrides):
             if isinstance(piece, str):
                 if out and isinstance(out[-1], str):
                     out[-1] += piece
@@ -203,13 +243,27 @@ class Fromage:
                 out.extend(piece)
         return out
 
+    def generate_batch(
+        self, prompts: Sequence[Sequence[PromptItem]], seed: int | None = None, **overrides: Any
+    ) -> list[list[str | RetrievedImage]]:
+        """`generate` for each prompt (decoded one after another: a `[RET]` in one answer
+        changes what that answer reads next, so rows do not stay in step)."""
+        return [self.generate(p, seed, **overrides) for p in prompts]
+
     @torch.no_grad()
     def caption(self, image: Image.Image | Path, max_new_tokens: int = 24) -> str:
         """Greedy caption of one image (`[RET]` never allowed)."""
-        enc = self.encode([image])
-        assert enc.image_features is not None
-        ids = greedy_captions(self.model, enc.image_features, self.special, max_new_tokens)[0]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return self.caption_batch([image], max_new_tokens)[0]
+
+    @torch.no_grad()
+    def caption_batch(self, images: Sequence[Image.Image | Path], max_new_tokens: int = 24) -> list[str]:
+        """Greedy captions of many images, decoded together."""
+        if not images:
+            return []
+        assert self.model.encoder is not None
+        feats = self.model.encoder.encode([load_image(i) for i in images])
+        ids = greedy_captions(self.model, feats, self.special, max_new_tokens)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     @torch.no_grad()
     def score(self, prompt: Sequence[PromptItem], candidates: Sequence[str]) -> list[float]:
@@ -231,3 +285,18 @@ class Fromage:
             positions = torch.arange(start - 1, ids.shape[1] - 1, device=device)
             out.append(float(logp[positions, ids[0, start:]].sum()))
         return out
+
+
+def split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """(the part of `text` that is safe to show, whether a stop string occurs in it).
+    Without a stop, a tail that could still grow into one is held back."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if found:
+        return text[: min(found)], True
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return text[: len(text) - hold], False

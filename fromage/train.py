@@ -35,10 +35,11 @@ from .config import TrainConfig, save_json, to_dict
 from .data.collate import SpecialTokens, caption_batch, retrieval_prefix_batch, tokenize_captions
 from .data.dataset import Split, build_examples, extract_features
 from .data.readers import BadInputLog
+from .data.requests import request_forms
 from .losses import caption_loss, contrastive_loss, ret_token_loss
 from .model import FromageModel, TextPrefix
 from .refine import refine_retrieval, ret_states
-from .validation import validate
+from .validation import fill_states, validate
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,12 @@ def train(config: TrainConfig) -> TrainResult:
         n: tokenize_captions(tokenizer, [e.caption for e in s.examples], max_tokens)
         for n, s in val_splits.items()
     }
+    # Requests ("show me a red apple") are scored on the emoji sets, in their first form.
+    val_requests = {
+        n: tokenize_captions(tokenizer, [request_forms(e.caption, 1)[0] for e in s.examples], max_tokens + 8)
+        for n, s in val_splits.items()
+        if n.startswith("emoji")
+    }
     group_index: dict[str, int] = {}
     group_ids = torch.tensor(
         [group_index.setdefault(e.group or f"#{i}", len(group_index)) for i, e in enumerate(split.examples)]
@@ -337,10 +344,19 @@ def train(config: TrainConfig) -> TrainResult:
     staged_stop = bool(config.stop_at_step) and step >= config.stop_at_step < config.max_steps
     if config.refine_steps and not staged_stop:
         t0 = time.time()
+        # Requests ("show me a red apple") join the captions here: their [RET] states come from
+        # the final [RET], and the retrieval maps learn to place both forms on the image.
+        forms = [request_forms(e.caption, config.data.request_forms) for e in split.examples]
+        form_texts = [tokenize_captions(tokenizer, f, max_tokens + 8) if f else [] for f in forms]
+        fill_states(model, [t for f in form_texts for t in f], special, state_cache)
+        row_of = {text: i for i, text in enumerate(state_cache)}
+        table = torch.tensor(
+            [[row_of[tuple(t)] for t in [texts[i], *form_texts[i]]] for i in range(len(split))]
+        )
         result = refine_retrieval(
             model,
-            states,
-            text_of_example,
+            torch.stack(list(state_cache.values())),
+            table,
             split.features,
             group_ids,
             config.refine_steps,
@@ -360,7 +376,9 @@ def train(config: TrainConfig) -> TrainResult:
             result.last_loss,
         )
         save_model(model, out_dir / "checkpoint", extra={"step": step, "train_config": to_dict(config)})
-    final = _validate_all(model, val_splits, val_texts, special, tokenizer, config, True, state_cache)
+    final = _validate_all(
+        model, val_splits, val_texts, special, tokenizer, config, True, state_cache, val_requests
+    )
     summary = {
         **final,
         **refined,
@@ -383,7 +401,15 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _validate_all(
-    model, val_splits, val_texts, special, tokenizer, config: TrainConfig, captions: bool, states: dict
+    model,
+    val_splits,
+    val_texts,
+    special,
+    tokenizer,
+    config: TrainConfig,
+    captions: bool,
+    states: dict,
+    val_requests: dict | None = None,
 ) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, split in val_splits.items():
@@ -399,6 +425,7 @@ def _validate_all(
             config.data.heldout_concept_fraction,
             captions=captions,
             states=states,
+            request_texts=(val_requests or {}).get(name),
         )
         out.update({f"val/{name}/{k}": v for k, v in metrics.items()})
     return out

@@ -19,6 +19,25 @@ StateCache = dict[tuple[int, ...], torch.Tensor]
 
 
 @torch.no_grad()
+def fill_states(
+    model: FromageModel,
+    texts: Sequence[list[int]],
+    special: SpecialTokens,
+    states: StateCache,
+    batch_size: int = 256,
+) -> StateCache:
+    """Add the `[RET]` state of `[BOS] text [RET]` for each text not yet in `states`."""
+    device = model.ret_embedding.device
+    todo = list(dict.fromkeys(tuple(t) for t in texts if tuple(t) not in states))
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        ids, mask = retrieval_prefix_batch([list(t) for t in chunk], special)
+        hidden = model.retrieval_forward(ids.to(device), mask.to(device)).ret_hidden.float().cpu()
+        states.update(zip(chunk, hidden, strict=True))
+    return states
+
+
+@torch.no_grad()
 def embed_texts(
     model: FromageModel,
     texts: Sequence[list[int]],
@@ -29,13 +48,7 @@ def embed_texts(
     """Token lists → (N, R) retrieval embeddings of `[BOS] text [RET]`. Texts found in
     `states` skip the LM; the others are computed and added to it."""
     device = model.ret_embedding.device
-    states = {} if states is None else states
-    todo = list(dict.fromkeys(tuple(t) for t in texts if tuple(t) not in states))
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        ids, mask = retrieval_prefix_batch([list(t) for t in chunk], special)
-        hidden = model.retrieval_forward(ids.to(device), mask.to(device)).ret_hidden.float().cpu()
-        states.update(zip(chunk, hidden, strict=True))
+    states = fill_states(model, texts, special, {} if states is None else states, batch_size)
     if not texts:
         return torch.empty(0, model.config.retrieval_dim)
     hidden = torch.stack([states[tuple(t)] for t in texts])
@@ -88,9 +101,11 @@ def validate(
     max_captions: int = 128,
     max_token_accuracy: int = 256,
     states: StateCache | None = None,
+    request_texts: Sequence[list[int]] | None = None,
 ) -> dict[str, float]:
     """Metrics on one validation split. The gallery is the whole split; for emoji the queries
-    are reported separately for trained and held-out concepts."""
+    are reported separately for trained and held-out concepts. `request_texts` (one per
+    example, e.g. "show me a red apple") adds text→image recall for requests."""
     was_training = model.training
     model.eval()
     try:
@@ -116,6 +131,12 @@ def validate(
                 metrics[f"{prefix}t2i_{k}"] = v
             for k, v in group_recall_at_k(scores.T[rows], q_groups, groups).items():
                 metrics[f"{prefix}i2t_{k}"] = v
+        if request_texts is not None:
+            request_scores = embed_texts(model, request_texts, special, states=states) @ image_emb.T
+            for prefix, rows in subsets.items():
+                if rows:
+                    recall = group_recall_at_k(request_scores[rows], [groups[i] for i in rows], groups)
+                    metrics.update({f"{prefix}request_t2i_{k}": v for k, v in recall.items()})
         sample = _spread(list(range(len(split))), max_token_accuracy)
         metrics["caption_token_acc"] = caption_token_accuracy(
             model,

@@ -130,3 +130,45 @@ def test_cli_retrieve_and_caption(bot, capsys):
     assert str(image) not in out  # the prompt's image is not retrieved
     assert main(["caption", str(image), "--model", str(checkpoint)]) == 0
     assert capsys.readouterr().out.startswith(str(image) + "\t")
+
+
+def test_split_at_stop_cuts_at_the_first_stop_and_holds_back_partial_ones():
+    from fromage.pipeline import split_at_stop
+
+    assert split_at_stop("red apple\nQ: more", ["\nQ:"]) == ("red apple", True)
+    assert split_at_stop("red apple\nQ", ["\nQ:"]) == ("red apple", False)  # may still become "\nQ:"
+    assert split_at_stop("a b", ["zz", "b"]) == ("a ", True)
+    assert split_at_stop("abc", []) == ("abc", False)
+
+
+def test_stop_strings_end_the_answer_before_them(bot):
+    fromage, _ = bot
+    kwargs = {"max_new_tokens": 12, "max_rets": 0, "temperature": 1.0, "seed": 0}
+    full = ""
+    while len(full) <= 4:  # a seed whose sample is long enough (the tiny LM often stops at once)
+        kwargs["seed"] += 1
+        full = "".join(p for p in fromage.generate(["a red"], **kwargs) if isinstance(p, str))
+    stop = full[2:4]
+    cut = full[: full.find(stop)]
+    streamed = list(fromage.stream(["a red"], stop=(stop,), **kwargs))
+    assert "".join(p for p in streamed if isinstance(p, str)) == cut
+    assert fromage.generate(["a red"], stop=stop, **kwargs) == ([cut] if cut else [])
+
+
+def test_images_per_ret_and_batched_calls_match_single_calls(bot):
+    fromage, photos = bot
+    answer = fromage.generate(["a red"], max_new_tokens=3, ret_scale_factor=1e6, images_per_ret=2)
+    assert sum(isinstance(p, RetrievedImage) for p in answer) == 2
+    images = sorted(photos.glob("*.png"))
+    prompts = [["a green square"], ["red", images[0]], [images[1], "blue", images[2], "circle"]]
+    batched = fromage.retrieve_batch(prompts, k=3)
+    for prompt, got in zip(prompts, batched, strict=True):
+        alone = fromage.retrieve(prompt, k=3)
+        assert [g.row for g in got] == [a.row for a in alone]
+        assert [g.score for g in got] == pytest.approx([a.score for a in alone], abs=1e-4)
+    assert fromage.caption_batch(images[:3]) == [fromage.caption(i) for i in images[:3]]
+    gen = fromage.generate_batch([["a red"], ["blue"]], max_new_tokens=4)
+    assert gen == [
+        fromage.generate(["a red"], max_new_tokens=4),
+        fromage.generate(["blue"], max_new_tokens=4),
+    ]

@@ -55,6 +55,17 @@ class FrozenLM(nn.Module):
         if head_in != self.hidden_size:
             raise ValueError(f"output head reads {head_in}-d states but hidden size is {self.hidden_size}")
 
+    def store_weights_bf16(self) -> int:
+        """Keep the frozen linear weights in bfloat16 (activations stay float32): ~2× faster
+        token-by-token decoding on CPU (backbones/bf16_weights.py). Returns layers replaced."""
+        from .bf16_weights import store_linear_weights_bf16
+
+        if self.dtype != torch.float32:
+            raise ValueError(f"bf16 weight storage needs a float32 LM, this one is {self.dtype}")
+        replaced = store_linear_weights_bf16(self.model)
+        self.head = self.model.get_output_embeddings()  # the replaced module
+        return replaced
+
     def train(self, mode: bool = True) -> FrozenLM:
         # Frozen by construction: dropout never switches on.
         super().train(False)

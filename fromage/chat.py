@@ -1,0 +1,89 @@
+"""A dialogue over `Fromage`: turns of text and images in, text and retrieved images out.
+
+Each turn's prompt is the whole conversation so far, turns separated by newlines: the user's
+items, the model's earlier answers, and the images it retrieved (fed back as images, so later
+turns can refer to them and they are never retrieved again). Answers end at a newline.
+
+The terminal syntax of `fromage chat` lives here too: `@path` (or `@"path with spaces"`)
+attaches an image file where it appears in the line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from PIL import Image
+
+from .pipeline import Fromage, PromptItem, RetrievedImage
+
+Item: TypeAlias = str | Path | Image.Image | RetrievedImage
+
+_ATTACH = re.compile(r'@"([^"]+)"|@(\S+)')
+
+
+def parse_line(line: str) -> list[str | Path]:
+    """'what is @cat.png next to @"my dog.jpg"?' → ["what is", Path("cat.png"), "next to",
+    Path("my dog.jpg"), "?"] (text stripped, empty pieces dropped)."""
+    items: list[str | Path] = []
+    position = 0
+    for match in _ATTACH.finditer(line):
+        text = line[position : match.start()].strip()
+        if text:
+            items.append(text)
+        items.append(Path(match.group(1) or match.group(2)))
+        position = match.end()
+    text = line[position:].strip()
+    if text:
+        items.append(text)
+    return items
+
+
+@dataclass
+class Turn:
+    role: str  # "user" or "assistant"
+    items: list[Item] = field(default_factory=list)
+
+
+class Conversation:
+    def __init__(self, bot: Fromage, **generation: Any):
+        """`generation`: `GenerationConfig` overrides for every answer (a newline stop is added)."""
+        self.bot = bot
+        self.turns: list[Turn] = []
+        stop = tuple(generation.pop("stop", ()))
+        self.generation = {**generation, "stop": (*stop, "\n")}
+
+    def prompt(self, user: list[str | Path | Image.Image]) -> list[PromptItem]:
+        """The conversation so far plus the new user items, as one prompt."""
+        items: list[PromptItem] = []
+        for turn in [*self.turns, Turn("user", list(user))]:
+            if items:
+                items.append("\n")
+            for item in turn.items:
+                items.append(Path(item.path) if isinstance(item, RetrievedImage) else item)
+        return items
+
+    def ask(self, user: list[str | Path | Image.Image]) -> Iterator[str | list[RetrievedImage]]:
+        """Stream the answer to one user turn; the turn and the answer join the history once
+        the answer is complete."""
+        if not user:
+            raise ValueError("the message has no text and no image")
+        answer: list[Item] = []
+        for piece in self.bot.stream(self.prompt(user), **self.generation):
+            if isinstance(piece, str):
+                last = answer[-1] if answer else None
+                if isinstance(last, str):
+                    answer[-1] = last + piece
+                else:
+                    answer.append(piece)
+            else:
+                answer.extend(piece)
+            yield piece
+        self.turns += [Turn("user", list(user)), Turn("assistant", answer)]
+
+    def add(self, role: str, items: list[Item]) -> None:
+        """Record a turn that did not come from `ask` (e.g. a caption shown as an answer)."""
+        self.turns.append(Turn(role, items))
