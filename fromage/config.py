@@ -108,6 +108,9 @@ class DataConfig:
     request_forms: int = 1
     """Request sentences per caption ("show me a red apple", data/requests.py) that retrieval
     refinement trains on beside the caption; 0 = captions only."""
+    request_share: float = 0.25
+    """Share of refinement samples that read a request instead of the caption. One linear map
+    serves both forms: more requests cost caption recall (measured in BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -116,6 +119,8 @@ class DataConfig:
             raise ValueError(
                 f"heldout_concept_fraction must be in [0, 1), got {self.heldout_concept_fraction}"
             )
+        if not 0.0 <= self.request_share <= 1.0:
+            raise ValueError(f"request_share must be in [0, 1], got {self.request_share}")
         if not 0 <= self.request_forms <= 8:
             raise ValueError(f"request_forms must be in 0..8, got {self.request_forms}")
         if not self.sources:
@@ -142,7 +147,7 @@ class TrainConfig:
     The learning-rate schedule decays over the budget."""
     stop_at_step: int = 0
     """Stop (and save) at this step without changing the schedule (staged runs); 0 = off."""
-    final_eval_reserve_minutes: float = 4.5
+    final_eval_reserve_minutes: float = 6.0
     """Part of `max_minutes` kept for retrieval refinement and the final validation."""
     batch_size: int = 32
     """Captioning-pass batch."""
@@ -150,7 +155,7 @@ class TrainConfig:
     """Retrieval-pass (contrastive) batch of the joint loop; its prefix runs without autograd,
     so it can be larger than the captioning batch. Refinement has its own batch size."""
     grad_accum_steps: int = 1
-    refine_steps: int = 2000
+    refine_steps: int = 4000
     """Steps of retrieval-map refinement on cached `[RET]` states after the joint loop
     (batch `refine_batch_size`; 0 = off). See refine.py."""
     refine_batch_size: int = 512

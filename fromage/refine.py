@@ -40,14 +40,19 @@ def ret_states(model: FromageModel, prefixes: TextPrefix, chunk: int = 256) -> t
     return torch.cat(parts).float()
 
 
-def pick_texts(text_of_example: torch.Tensor, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Rows of the state/prefix table for examples `idx`: text_of_example is (N,) one text per
-    example, or (N, V) V forms per example (caption, request forms), one drawn per sample."""
+def pick_texts(
+    text_of_example: torch.Tensor, idx: torch.Tensor, generator: torch.Generator, variant_share: float = 0.5
+) -> torch.Tensor:
+    """Rows of the state table for examples `idx`. text_of_example is (N,) one text per example,
+    or (N, V): column 0 the caption, columns 1.. its variants (request forms); a variant is
+    drawn with probability `variant_share`, uniformly among them."""
     rows = text_of_example[idx]
-    if rows.dim() == 1:
-        return rows
-    column = torch.randint(0, rows.shape[1], (rows.shape[0],), generator=generator)
-    return rows[torch.arange(rows.shape[0]), column]
+    if rows.dim() == 1 or rows.shape[1] == 1:
+        return rows.reshape(-1)
+    n = rows.shape[0]
+    variant = torch.rand(n, generator=generator) < variant_share
+    column = torch.randint(1, rows.shape[1], (n,), generator=generator) * variant
+    return rows[torch.arange(n), column]
 
 
 def refine_retrieval(
@@ -61,11 +66,12 @@ def refine_retrieval(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
+    variant_share: float = 0.5,
 ) -> RefineResult:
     """Train `text_ret_map`, `image_ret_map` and `logit_scale` on fixed `[RET]` states.
 
     states: (T, d) from `ret_states`; text_of_example: (N,) or (N, V) rows of `states` per
-    example (`pick_texts`);
+    example (`pick_texts`, variants drawn with probability `variant_share`);
     features: (V, N, F) cached views (view 0 is the image itself); group_ids: (N,) examples
     that share a caption (never each other's negatives). Cosine decay from `lr` to 10%.
     Everything else in the model is untouched.
@@ -95,7 +101,9 @@ def refine_retrieval(
             view = torch.randint(0, features.shape[0], (batch_size,), generator=generator)
             for group in optimizer.param_groups:
                 group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
-            text = model.text_embeddings(states[pick_texts(text_of_example, idx, generator)].to(device))
+            text = model.text_embeddings(
+                states[pick_texts(text_of_example, idx, generator, variant_share)].to(device)
+            )
             image = model.image_embeddings(features[view, idx].to(device))
             loss, _ = contrastive_loss(text, image, model.logit_scale, group_ids[idx].to(device))
             optimizer.zero_grad(set_to_none=True)

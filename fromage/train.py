@@ -363,6 +363,7 @@ def train(config: TrainConfig) -> TrainResult:
             batch_size=config.refine_batch_size,
             lr=config.refine_lr,
             seed=config.seed,
+            variant_share=config.data.request_share,
         )
         refined = {
             "refine/first_loss": result.first_loss,
