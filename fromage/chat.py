@@ -1,8 +1,12 @@
 """A dialogue over `Fromage`: turns of text and images in, text and retrieved images out.
 
-Each turn's prompt is the whole conversation so far, turns separated by newlines: the user's
-items, the model's earlier answers, and the images it retrieved (fed back as images, so later
-turns can refer to them and they are never retrieved again). Answers end at a newline.
+Each turn's prompt is the last `memory` exchanges (user items, the model's answers and the
+images it retrieved, fed back as images) and then the new message, separated by newlines.
+Images already shown in the conversation are never retrieved again. Answers end at a newline.
+
+`memory` defaults to 0 for the shipped model: it was trained on single captions and requests,
+and earlier turns in the prompt move its `[RET]` state off the request (in the demo, all three
+requests retrieve the wrong emoji after a captioned photo; alone, all three are right).
 
 The terminal syntax of `fromage chat` lives here too: `@path` (or `@"path with spaces"`)
 attaches an image file where it appears in the line.
@@ -49,9 +53,13 @@ class Turn:
 
 
 class Conversation:
-    def __init__(self, bot: Fromage, **generation: Any):
-        """`generation`: `GenerationConfig` overrides for every answer (a newline stop is added)."""
+    def __init__(self, bot: Fromage, memory: int = 0, **generation: Any):
+        """`memory`: earlier exchanges (user + answer) each prompt includes; `generation`:
+        `GenerationConfig` overrides for every answer (a newline stop is added)."""
+        if memory < 0:
+            raise ValueError(f"memory must be >= 0, got {memory}")
         self.bot = bot
+        self.memory = memory
         self.turns: list[Turn] = []
         stop = tuple(generation.pop("stop", ()))
         self.generation = {**generation, "stop": (*stop, "\n")}
@@ -59,7 +67,8 @@ class Conversation:
     def prompt(self, user: list[str | Path | Image.Image]) -> list[PromptItem]:
         """The conversation so far plus the new user items, as one prompt."""
         items: list[PromptItem] = []
-        for turn in [*self.turns, Turn("user", list(user))]:
+        history = self.turns[len(self.turns) - 2 * self.memory :] if self.memory else []
+        for turn in [*history, Turn("user", list(user))]:
             if items:
                 items.append("\n")
             for item in turn.items:
@@ -72,7 +81,8 @@ class Conversation:
         if not user:
             raise ValueError("the message has no text and no image")
         answer: list[Item] = []
-        for piece in self.bot.stream(self.prompt(user), **self.generation):
+        shown = {i.row for t in self.turns for i in t.items if isinstance(i, RetrievedImage)}
+        for piece in self.bot.stream(self.prompt(user), exclude=shown, **self.generation):
             if isinstance(piece, str):
                 last = answer[-1] if answer else None
                 if isinstance(last, str):

@@ -129,7 +129,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         "images_per_ret": args.images_per_ret,
         "max_rets": args.max_rets,
     }
-    chat = Conversation(bot, **settings)
+    chat = Conversation(bot, memory=args.memory, **settings)
     interactive = sys.stdin.isatty()
     if interactive:
         print("fromage chat: @path attaches an image; /save FILE, /reset, /quit", file=sys.stderr)
@@ -215,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--index", default=None, help="index directory (without one, answers are text only)")
     p.add_argument("--save", default="", help="write the transcript as HTML here at the end")
+    p.add_argument(
+        "--memory",
+        type=int,
+        default=0,
+        help="earlier exchanges each prompt includes (default 0: see chat.py)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -149,9 +149,10 @@ def greedy_captions(
     special: SpecialTokens,
     max_new_tokens: int = 24,
     batch_size: int = 128,
+    min_new_tokens: int = 0,
 ) -> list[list[int]]:
-    """(N, F) image features → N generated token-id lists (EOS excluded).
-    Prompts are `[img × k][BOS]`, all the same length, so a batch needs no padding."""
+    """(N, F) image features → N generated token-id lists (EOS excluded; not allowed before
+    `min_new_tokens`). Prompts are `[img × k][BOS]`, all the same length: no padding."""
     k = model.config.num_visual_tokens
     device = model.ret_embedding.device
     results: list[list[int]] = []
@@ -165,7 +166,9 @@ def greedy_captions(
         done = torch.zeros(b, dtype=torch.bool, device=device)
         tokens: list[list[int]] = [[] for _ in range(b)]
         length = prompt.shape[1]
-        for _ in range(max_new_tokens):
+        for produced in range(max_new_tokens):
+            if produced < min_new_tokens:
+                logits[:, special.eos] = -math.inf
             next_ids = logits.argmax(-1)
             for i in range(b):
                 if not done[i] and int(next_ids[i]) != special.eos:

@@ -16,7 +16,7 @@ and `score` cover captioning, prompt → images, and answer selection by log-lik
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -189,16 +189,21 @@ class Fromage:
         return config
 
     def stream(
-        self, prompt: Sequence[PromptItem], seed: int | None = None, **overrides: Any
+        self,
+        prompt: Sequence[PromptItem],
+        seed: int | None = None,
+        exclude: Iterable[int] = (),
+        **overrides: Any,
     ) -> Iterator[str | list[RetrievedImage]]:
-        """Yield text pieces as they are decoded and, at each `[RET]`, the retrieved images.
-        `overrides` are `GenerationConfig` fields (max_new_tokens, temperature, top_p, stop, …)."""
+        """Yield text pieces as they are decoded and, at each `[RET]`, the retrieved images
+        (never the prompt's own images, nor index rows in `exclude`). `overrides` are
+        `GenerationConfig` fields (max_new_tokens, temperature, top_p, stop, …)."""
         config = self._config(overrides)
         enc = self.encode(prompt)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         pending: list[int] = []  # tokens of the text since the last [RET]
         shown = ""  # the part of their text already yielded
-        exclude = set(enc.context_rows)
+        exclude = set(enc.context_rows) | set(exclude)
         for step in decode(self.model, enc.input_ids, enc.image_features, self.special, config, generator):
             if step.ret_hidden is None:
                 pending.append(step.token_id)
@@ -251,18 +256,20 @@ class Fromage:
         return [self.generate(p, seed, **overrides) for p in prompts]
 
     @torch.no_grad()
-    def caption(self, image: Image.Image | Path, max_new_tokens: int = 24) -> str:
-        """Greedy caption of one image (`[RET]` never allowed)."""
-        return self.caption_batch([image], max_new_tokens)[0]
+    def caption(self, image: Image.Image | Path, max_new_tokens: int = 24, min_new_tokens: int = 0) -> str:
+        """Greedy caption of one image (`[RET]` never allowed; no EOS before `min_new_tokens`)."""
+        return self.caption_batch([image], max_new_tokens, min_new_tokens)[0]
 
     @torch.no_grad()
-    def caption_batch(self, images: Sequence[Image.Image | Path], max_new_tokens: int = 24) -> list[str]:
+    def caption_batch(
+        self, images: Sequence[Image.Image | Path], max_new_tokens: int = 24, min_new_tokens: int = 0
+    ) -> list[str]:
         """Greedy captions of many images, decoded together."""
         if not images:
             return []
         assert self.model.encoder is not None
         feats = self.model.encoder.encode([load_image(i) for i in images])
-        ids = greedy_captions(self.model, feats, self.special, max_new_tokens)
+        ids = greedy_captions(self.model, feats, self.special, max_new_tokens, min_new_tokens=min_new_tokens)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     @torch.no_grad()

@@ -26,14 +26,19 @@ def test_parse_line_places_images_where_they_appear():
 
 def test_conversation_feeds_answers_back_and_never_repeats_an_image(bot):  # noqa: F811
     fromage, photos = bot
-    chat = Conversation(fromage, max_new_tokens=4, ret_scale_factor=1e6, max_rets=1)
-    first = [p for p in chat.ask(["a red circle"]) if isinstance(p, list)]
-    second = [p for p in chat.ask(["another one"]) if isinstance(p, list)]
-    assert len(first) == len(second) == 1
-    assert first[0][0].row != second[0][0].row  # the first answer's image is in the context now
-    assert [t.role for t in chat.turns] == ["user", "assistant", "user", "assistant"]
-    prompt = chat.prompt(["more"])
-    assert Path(first[0][0].path) in prompt and prompt.count("\n") == 4
+    for memory in (0, 1):
+        chat = Conversation(fromage, memory=memory, max_new_tokens=4, ret_scale_factor=1e6, max_rets=1)
+        first = [p for p in chat.ask(["a red circle"]) if isinstance(p, list)]
+        second = [p for p in chat.ask(["a red circle"]) if isinstance(p, list)]
+        assert len(first) == len(second) == 1
+        assert first[0][0].row != second[0][0].row  # shown once: never retrieved again
+        assert [t.role for t in chat.turns] == ["user", "assistant", "user", "assistant"]
+        prompt = chat.prompt(["more"])
+        if memory == 0:
+            assert prompt == ["more"]
+        else:  # the last exchange (user, answer with its image), then the new message
+            assert Path(second[0][0].path) in prompt and Path(first[0][0].path) not in prompt
+            assert prompt[0] == "a red circle" and prompt[-1] == "more" and prompt.count("\n") == 2
     with pytest.raises(ValueError, match="no text and no image"):
         list(chat.ask([]))
 

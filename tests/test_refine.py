@@ -49,3 +49,17 @@ def test_refinement_is_deterministic_given_the_seed():
         refine_retrieval(model, *_task(model), steps=5, batch_size=8, seed=3, progress=False)
         runs.append(model.image_ret_map.weight.clone())
     assert torch.equal(runs[0], runs[1])
+
+
+def test_pick_texts_draws_variants_at_the_requested_share():
+    from fromage.refine import pick_texts
+
+    table = torch.stack([torch.arange(1000) * 3, torch.arange(1000) * 3 + 1, torch.arange(1000) * 3 + 2], 1)
+    idx = torch.arange(1000).repeat(10)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(pick_texts(table, idx, g, 0.0), idx * 3)
+    only_variants = pick_texts(table, idx, g, 1.0) % 3
+    assert bool((only_variants != 0).all()) and {1, 2} == set(only_variants.tolist())
+    share = float((pick_texts(table, idx, g, 0.25) % 3 != 0).float().mean())
+    assert 0.22 < share < 0.28
+    assert torch.equal(pick_texts(table[:, 0], idx, g), idx * 3)  # one text per example
