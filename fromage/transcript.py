@@ -75,4 +75,5 @@ def save_html(turns: Sequence[Turn], path: str | Path, title: str = "fromage con
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, to_html(turns, title).encode("utf-8"))
+    path.chmod(0o644)  # a document to open and share, not a private temp file
     return path

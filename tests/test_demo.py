@@ -19,7 +19,9 @@ def test_demo_retrieves_the_requested_emoji_and_writes_html(tmp_path):
     caption = report.transcript[1].items[0]
     assert isinstance(caption, str) and caption.strip()  # a caption is produced for the photo
     retrieved = [i for t in report.transcript for i in t.items if isinstance(i, RetrievedImage)]
-    user_images = sum(1 for t in report.transcript if t.role == "user" for i in t.items if not isinstance(i, str))
+    user_images = sum(
+        1 for t in report.transcript if t.role == "user" for i in t.items if not isinstance(i, str)
+    )
     assert user_images == 3  # the photo, then two images in one prompt
     html = report.html.read_text()
     assert html.count('src="data:image/png;base64,') == user_images + len(retrieved)
