@@ -170,6 +170,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.correct == report.requests or not args.check else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    config = ServeConfig(
+        model_id=args.model_id,
+        max_body_bytes=args.max_body_bytes,
+        max_image_pixels=args.max_image_pixels,
+        max_images_per_request=args.max_images,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        api_key=args.api_key,
+    )
+    serve(args.model, args.index, args.host, args.port, config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fromage", description="FROMAGe: frozen LMs grounded to images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -228,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-ret", type=int, default=1)
     p.add_argument("--max-rets", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p = sub.add_parser("serve", help="HTTP API (OpenAI-style chat completions, retrieve, caption)")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    p.add_argument("--index", default=None, help="index directory built by `fromage index`")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-id", default="fromage-default", help="the name /v1/models reports")
+    p.add_argument("--api-key", default="", help="require Authorization: Bearer KEY on /v1 routes")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    p.add_argument("--max-image-pixels", type=int, default=16_000_000)
+    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens accepted")
     p = sub.add_parser("demo", help="the shipped model in a scripted conversation (prints it, writes HTML)")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
     p.add_argument("--index", default=None, help="emoji index directory (default: under FROMAGE_HOME)")
@@ -258,6 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_chat(args)
     if args.command == "demo":
         return cmd_demo(args)
+    if args.command == "serve":
+        if args.model is None:
+            from .demo import DEFAULT_CHECKPOINT
+
+            args.model = str(DEFAULT_CHECKPOINT)
+        return cmd_serve(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,0 +1,194 @@
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from fromage.serve import ServeConfig, create_app  # noqa: E402
+
+from .test_pipeline import bot  # noqa: F401  (fixture)
+from .test_train import tiny_world  # noqa: F401  (fixture)
+
+
+def data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+RED = Image.new("RGB", (32, 32), (220, 20, 20))
+CHAT = {"max_tokens": 6, "ret_scale_factor": 1e6}
+
+
+@pytest.fixture(scope="module")
+def client(bot):  # noqa: F811
+    fromage, _ = bot
+    return TestClient(create_app(fromage, ServeConfig(max_body_bytes=200_000, max_image_pixels=10_000)))
+
+
+def message(*parts):
+    return [{"role": "user", "content": list(parts)}]
+
+
+def test_health_models_and_chat_with_an_image(client):
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.get("/v1/models").json()["data"][0]["id"] == "fromage-default"
+    body = {
+        "messages": message(
+            {"type": "image_url", "image_url": {"url": data_url(RED)}}, {"type": "text", "text": "a red"}
+        ),
+        **CHAT,
+    }
+    reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    msg = reply.json()["choices"][0]["message"]
+    assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+    assert len(msg["images"]) == 1
+    picture = client.get(msg["images"][0]["url"])
+    assert picture.status_code == 200 and Image.open(io.BytesIO(picture.content)).size[0] > 0
+    # Streamed: the same text (greedy), the image as a structured delta, then [DONE].
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as events:
+        lines = [line for line in events.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    images = [i for c in chunks for i in c["choices"][0]["delta"].get("images", [])]
+    assert text == msg["content"] and [i["id"] for i in images] == [i["id"] for i in msg["images"]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_retrieve_and_caption(client, bot):  # noqa: F811
+    fromage, _ = bot
+    found = client.post("/v1/retrieve", json={"text": "a green square", "k": 3}).json()["data"]
+    assert [f["id"] for f in found] == [r.row for r in fromage.retrieve(["a green square"], k=3)]
+    with_image = client.post("/v1/retrieve", json={"text": "red", "images": [data_url(RED)], "k": 2})
+    assert with_image.status_code == 200 and len(with_image.json()["data"]) == 2
+    caption = client.post("/v1/caption", json={"image": data_url(RED), "max_tokens": 4})
+    assert caption.status_code == 200 and isinstance(caption.json()["caption"], str)
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "words"),
+    [
+        ("invalid json", 400, "invalid JSON"),
+        ("unknown field", 400, "unknown field 'bogus'"),
+        ("bad base64", 400, "invalid base64"),
+        ("not an image", 400, "not a readable image"),
+        ("bad role", 400, "role"),
+        ("too many images", 400, "too many images"),
+        ("too many pixels", 400, "pixels, limit 10000"),
+        ("body too large", 413, "limit 200000"),
+        ("max_tokens too large", 400, "limit 256"),
+        ("remote url", 400, "remote image URLs"),
+        ("no such image", 404, "no image 999999"),
+        ("empty prompt", 400, "no text and no image"),
+    ],
+)
+def test_bad_inputs_get_a_4xx_that_names_the_problem(client, case, status, words):
+    def image_part(url):
+        return {"type": "image_url", "image_url": {"url": url}}
+
+    post = "/v1/chat/completions"
+    requests = {
+        "invalid json": dict(content=b"{not json", headers={"content-type": "application/json"}),
+        "unknown field": dict(json={"messages": message({"type": "text", "text": "hi"}), "bogus": 1}),
+        "bad base64": dict(json={"messages": message(image_part("data:image/png;base64,@@@"))}),
+        "not an image": dict(
+            json={
+                "messages": message(
+                    image_part("data:image/png;base64," + base64.b64encode(b"hello").decode())
+                )
+            }
+        ),
+        "bad role": dict(json={"messages": [{"role": "wizard", "content": "hi"}]}),
+        "too many images": dict(json={"messages": message(*[image_part(data_url(RED))] * 5)}),
+        "too many pixels": dict(
+            json={"messages": message(image_part(data_url(Image.new("RGB", (101, 100)))))}
+        ),
+        "body too large": dict(json={"messages": message({"type": "text", "text": "x" * 300_000})}),
+        "max_tokens too large": dict(
+            json={"messages": message({"type": "text", "text": "hi"}), "max_tokens": 9999}
+        ),
+        "remote url": dict(json={"messages": message(image_part("https://example.com/cat.png"))}),
+        "empty prompt": dict(json={"messages": [{"role": "user", "content": ""}]}),
+    }
+    if case == "no such image":
+        reply = client.get("/v1/images/999999")
+    else:
+        reply = client.post(post, **requests[case])
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert words in error["message"], error
+    assert "Traceback" not in reply.text
+
+
+def test_api_key_is_required_when_configured(bot):  # noqa: F811
+    fromage, _ = bot
+    locked = TestClient(create_app(fromage, ServeConfig(api_key="sesame")))
+    assert locked.get("/v1/models").status_code == 401
+    assert locked.get("/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
+    assert locked.get("/health").status_code == 200  # health stays open for probes
+
+
+def test_the_openai_client_reads_plain_and_streamed_completions(bot):  # noqa: F811
+    openai = pytest.importorskip("openai")
+    import uvicorn
+
+    fromage, _ = bot
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(fromage), host="127.0.0.1", port=port, log_level="error")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60
+        )
+        content = [
+            {"type": "text", "text": "a red"},
+            {"type": "image_url", "image_url": {"url": data_url(RED)}},
+        ]
+        plain = client.chat.completions.create(
+            model="fromage-default", messages=[{"role": "user", "content": content}], max_tokens=5
+        )
+        assert isinstance(plain.choices[0].message.content, str)
+        assert isinstance(plain.choices[0].message.model_extra["images"], list)
+        stream = client.chat.completions.create(
+            model="fromage-default",
+            messages=[{"role": "user", "content": content}],
+            max_tokens=5,
+            stream=True,
+        )
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert streamed == plain.choices[0].message.content
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_concurrent_retrievals_are_batched_and_match_one_at_a_time(bot):  # noqa: F811
+    from concurrent.futures import ThreadPoolExecutor
+
+    fromage, _ = bot
+    app = create_app(fromage, ServeConfig(batch_size=8, batch_wait_ms=200))
+    client = TestClient(app)
+    texts = ["a red circle", "a green square", "blue", "a yellow", "red square", "circle"]
+    alone = [[r.row for r in fromage.retrieve([t], k=2)] for t in texts]
+    with ThreadPoolExecutor(len(texts)) as pool:
+        replies = list(pool.map(lambda t: client.post("/v1/retrieve", json={"text": t, "k": 2}), texts))
+    assert [[f["id"] for f in r.json()["data"]] for r in replies] == alone
+    assert app.state.batchers["retrieve"].batches < len(texts)  # some requests shared a batch
