@@ -1,0 +1,120 @@
+"""Load test of `fromage serve` on loopback, bounded in clients and time (issue #5).
+
+    PYTHONPATH=. .venv/bin/python bench/serve_load.py --index DIR [--clients 32] [--seconds 60]
+
+Starts the server twice in this process on a free 127.0.0.1 port (shipped model + the given
+emoji index): once with micro-batching (batch 16), once one request at a time (batch 1).
+Each time, `--clients` concurrent clients send requests back to back for `--seconds`:
+three in four are `/v1/retrieve` with a request for a random emoji, one in four a short
+`/v1/chat/completions` (8 tokens). Reports requests/s, p50/p95 latency per route, 5xx count
+and failed connections, and the batched / one-at-a-time throughput ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import socket
+import statistics
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from fromage.data.builtin import emoji_concepts
+from fromage.demo import DEFAULT_CHECKPOINT
+from fromage.pipeline import Fromage
+from fromage.serve import ServeConfig, create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def run_clients(port: int, clients: int, seconds: float, names: list[str]) -> dict:
+    latencies: dict[str, list[float]] = {"retrieve": [], "chat": []}
+    status_5xx = failed = 0
+    stop = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(seed: int, http: httpx.AsyncClient) -> None:
+        nonlocal status_5xx, failed
+        rng = random.Random(seed)
+        while time.monotonic() < stop:
+            name = rng.choice(names)
+            route = "chat" if rng.random() < 0.25 else "retrieve"
+            if route == "chat":
+                url = "/v1/chat/completions"
+                body = {"messages": [{"role": "user", "content": f"show me a {name}"}], "max_tokens": 8}
+            else:
+                url, body = "/v1/retrieve", {"text": f"show me a {name}", "k": 3}
+            start = time.monotonic()
+            try:
+                reply = await http.post(url, json=body)
+            except httpx.HTTPError:
+                failed += 1
+                continue
+            if reply.status_code >= 500:
+                status_5xx += 1
+            latencies[route].append(time.monotonic() - start)
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits) as http:
+        start = time.monotonic()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        wall = time.monotonic() - start
+    done = sum(len(v) for v in latencies.values())
+    return {"wall": wall, "done": done, "5xx": status_5xx, "failed": failed, "latencies": latencies}
+
+
+def serve_and_load(bot: Fromage, batch: int, clients: int, seconds: float, names: list[str]) -> dict:
+    port = free_port()
+    app = create_app(bot, ServeConfig(batch_size=batch))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        result = asyncio.run(run_clients(port, clients, seconds, names))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    result["batches"] = app.state.batchers["retrieve"].batches
+    return result
+
+
+def report(label: str, r: dict) -> float:
+    rps = r["done"] / r["wall"]
+    parts = [f"{label}: {r['done']} requests in {r['wall']:.1f} s = {rps:.1f} req/s"]
+    for route, values in r["latencies"].items():
+        if values:
+            cuts = statistics.quantiles(values, n=20) if len(values) > 1 else values * 19
+            parts.append(f"{route} n={len(values)} p50 {statistics.median(values) * 1000:.0f} ms p95 {cuts[18] * 1000:.0f} ms")
+    parts.append(f"5xx {r['5xx']}, failed connections {r['failed']}, retrieve batches {r['batches']}")
+    print("; ".join(parts), flush=True)
+    return rps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--index", required=True)
+    parser.add_argument("--model", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    if not 1 <= args.clients <= 64 or not 0 < args.seconds <= 120:
+        raise SystemExit("bounded load only: 1..64 clients, at most 120 s")
+    bot = Fromage.from_pretrained(args.model, index=args.index)
+    names = [c.name for c in emoji_concepts("google")]
+    print(f"{args.clients} clients x {args.seconds:.0f} s per configuration, loopback", flush=True)
+    batched = report("batched (16)", serve_and_load(bot, 16, args.clients, args.seconds, names))
+    single = report("one at a time", serve_and_load(bot, 1, args.clients, args.seconds, names))
+    print(f"throughput, batched / one at a time: {batched / single:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
