@@ -181,6 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit,
         api_key=args.api_key,
+        allowed_image_hosts=tuple(args.allow_image_host),
     )
     serve(args.model, args.index, args.host, args.port, config)
     return 0
@@ -266,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=4, help="images per request")
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens accepted")
+    p.add_argument(
+        "--allow-image-host",
+        action="append",
+        default=[],
+        help="fetch http(s) image URLs from this host (repeatable); other remote URLs are refused",
+    )
     p = sub.add_parser("demo-web", help="web chat (Gradio) on the shipped model and emoji index")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
     p.add_argument("--index", default=None, help="index directory (default: the Google emoji index)")

@@ -51,6 +51,9 @@ class ServeConfig:
     max_tokens_limit: int = 256
     api_key: str = ""
     """When set, every /v1 request needs `Authorization: Bearer <api_key>`."""
+    allowed_image_hosts: tuple[str, ...] = ()
+    """Hosts whose http(s) image URLs are fetched; any other remote URL is refused."""
+    fetch_timeout_s: float = 10.0
     batch_size: int = 16
     """Most retrieve/caption requests run together; 1 = one at a time."""
     batch_wait_ms: float = 5.0
@@ -166,6 +169,8 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
         return await call_next(request)
 
     def decode_image(url: str) -> Image.Image:
+        if url.startswith(("http://", "https://")):
+            url = _fetch_allowed(url, config)
         return _decode_data_url(url, config.max_image_pixels)
 
     def prompt_of(messages: list[Message]) -> list[PromptItem]:
@@ -385,9 +390,34 @@ def _describe(errors: Any) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _fetch_allowed(url: str, config: ServeConfig) -> str:
+    """Fetch an http(s) image from an allow-listed host (no redirects, size-capped) and return
+    it as a data: URL; any other host is refused naming it."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host not in config.allowed_image_hosts:
+        raise ApiError(
+            400,
+            f"remote image URLs are refused (host {host!r} is not allowed): send a base64 data: URL",
+        )
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, timeout=config.fetch_timeout_s, follow_redirects=False) as reply:
+            if reply.status_code != 200:
+                raise ApiError(400, f"image_url {url}: the host answered {reply.status_code}")
+            data = b""
+            for chunk in reply.iter_bytes():
+                data += chunk
+                if len(data) > config.max_body_bytes:
+                    raise ApiError(400, f"image_url {url}: larger than {config.max_body_bytes} bytes")
+    except httpx.HTTPError as error:
+        raise ApiError(400, f"image_url {url}: cannot fetch ({type(error).__name__})") from None
+    return "data:image/unknown;base64," + base64.b64encode(data).decode("ascii")
+
+
 def _decode_data_url(url: str, max_pixels: int) -> Image.Image:
-    if url.startswith(("http://", "https://")):
-        raise ApiError(400, "remote image URLs are not fetched: send the image as a base64 data: URL")
     if not url.startswith("data:") or ";base64," not in url:
         raise ApiError(400, "image_url must be a data:<mime>;base64,<data> URL")
     try:

@@ -86,9 +86,10 @@ def test_retrieve_and_caption(client, bot):  # noqa: F811
         ("too many pixels", 400, "pixels, limit 10000"),
         ("body too large", 413, "limit 200000"),
         ("max_tokens too large", 400, "limit 256"),
-        ("remote url", 400, "remote image URLs"),
+        ("remote url", 400, "host 'example.com' is not allowed"),
         ("no such image", 404, "no image 999999"),
         ("empty prompt", 400, "no text and no image"),
+        ("prompt too long", 400, "tokens, limit 1024"),
     ],
 )
 def test_bad_inputs_get_a_4xx_that_names_the_problem(client, case, status, words):
@@ -118,6 +119,7 @@ def test_bad_inputs_get_a_4xx_that_names_the_problem(client, case, status, words
         ),
         "remote url": dict(json={"messages": message(image_part("https://example.com/cat.png"))}),
         "empty prompt": dict(json={"messages": [{"role": "user", "content": ""}]}),
+        "prompt too long": dict(json={"messages": [{"role": "user", "content": "red blue " * 1500}]}),
     }
     if case == "no such image":
         reply = client.get("/v1/images/999999")
@@ -192,3 +194,40 @@ def test_concurrent_retrievals_are_batched_and_match_one_at_a_time(bot):  # noqa
         replies = list(pool.map(lambda t: client.post("/v1/retrieve", json={"text": t, "k": 2}), texts))
     assert [[f["id"] for f in r.json()["data"]] for r in replies] == alone
     assert app.state.batchers["retrieve"].batches < len(texts)  # some requests shared a batch
+
+
+def test_allow_listed_hosts_are_fetched_and_others_refused(bot):  # noqa: F811
+    import http.server
+
+    fromage, _ = bot
+    buffer = io.BytesIO()
+    RED.save(buffer, format="PNG")
+    png = buffer.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path == "/red.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        allowed = TestClient(create_app(fromage, ServeConfig(allowed_image_hosts=("127.0.0.1",))))
+        ok = allowed.post("/v1/caption", json={"image": f"{base}/red.png", "max_tokens": 3})
+        assert ok.status_code == 200, ok.text
+        missing = allowed.post("/v1/caption", json={"image": f"{base}/nope.png"})
+        assert missing.status_code == 400 and "answered 404" in missing.json()["error"]["message"]
+        closed = TestClient(create_app(fromage)).post("/v1/caption", json={"image": f"{base}/red.png"})
+        assert closed.status_code == 400 and "'127.0.0.1' is not allowed" in closed.json()["error"]["message"]
+    finally:
+        server.shutdown()
