@@ -114,6 +114,9 @@ def decode(
     out = model(ids, image_features=feats, use_cache=use_cache, compute_logits=False)
     cache = out.cache
     hidden = out.last_hidden[:, -1]
+    stepper = model.lm.stepper if use_cache else None
+    if stepper is not None:  # the lean Llama step takes over the cache (tested against HF's)
+        stepper.start(cache, ids.shape[1], ids.shape[1] + config.max_new_tokens)
     rets = 0
     for produced in range(config.max_new_tokens):
         allow_ret = rets < config.max_rets and produced >= config.min_word_tokens
@@ -121,6 +124,16 @@ def decode(
         token = choose(logp, config, generator)  # (1,)
         if int(token) == special.eos:
             return
+        if stepper is not None:
+            last, selected = stepper.step(model.embed_inputs(token[:, None])[:, 0].float())
+            ids = torch.cat([ids, token[:, None]], 1)
+            hidden = last.to(out.last_hidden.dtype)
+            if int(token) == model.ret_token_id:
+                rets += 1
+                yield Step(int(token), selected[0].float())
+            else:
+                yield Step(int(token))
+            continue
         if use_cache:
             step = model(
                 token[:, None],

@@ -48,12 +48,21 @@ class FrozenLM(nn.Module):
         layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 0
         self.num_layers = int(layers)
         self.final_norm = _find_final_norm(self.base)
+        self.stepper: Any = None  # set by enable_fast_decode
         # Some heads (OPT-350m) read a projected hidden state; we only support heads that read
         # the hidden size directly, which is every model that ties input and output.
         head_weight: torch.Tensor = head.weight  # type: ignore[assignment]
         head_in = int(head_weight.shape[1])
         if head_in != self.hidden_size:
             raise ValueError(f"output head reads {head_in}-d states but hidden size is {self.hidden_size}")
+
+    def enable_fast_decode(self, ret_layer: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+        """Decode token by token with the lean Llama step (backbones/fast_llama.py) when the
+        architecture allows; returns whether it does."""
+        from .fast_llama import LlamaStepper, supports
+
+        self.stepper = LlamaStepper(self.model, ret_layer, dtype) if supports(self.model) else None
+        return self.stepper is not None
 
     def store_weights_bf16(self) -> int:
         """Keep the frozen linear weights in bfloat16 (activations stay float32): ~2× faster
