@@ -72,7 +72,6 @@ def test_cli_chat_reads_stdin_and_saves_html(bot, tmp_path, monkeypatch, capsys)
 
 
 def test_web_messages_show_text_images_and_retrieved_captions():
-    pytest.importorskip("gradio")
     from fromage.chat import Turn
     from fromage.webui import _messages
 

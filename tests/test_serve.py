@@ -5,13 +5,13 @@ import socket
 import threading
 import time
 
+import openai
 import pytest
+import uvicorn
+from fastapi.testclient import TestClient
 from PIL import Image
 
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from fromage.serve import ServeConfig, create_app  # noqa: E402
+from fromage.serve import ServeConfig, create_app
 
 from .test_pipeline import bot  # noqa: F401  (fixture)
 from .test_train import tiny_world  # noqa: F401  (fixture)
@@ -140,9 +140,6 @@ def test_api_key_is_required_when_configured(bot):  # noqa: F811
 
 
 def test_the_openai_client_reads_plain_and_streamed_completions(bot):  # noqa: F811
-    openai = pytest.importorskip("openai")
-    import uvicorn
-
     fromage, _ = bot
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

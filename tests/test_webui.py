@@ -3,12 +3,12 @@ Leaves a screenshot in artifacts/web_demo.png."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import sync_playwright
 
 pytestmark = pytest.mark.slow
 
@@ -20,13 +20,10 @@ def _chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    if os.environ.get("CI"):
-        pytest.fail("chromium is not installed (make setup installs it with apt-get)")
-    pytest.skip("chromium is not installed (apt-get install chromium)")
+    pytest.fail("chromium is not installed (make setup installs it: apt-get install chromium)")
 
 
 def test_web_demo_answers_a_photo_and_a_request_with_an_image():
-    playwright = pytest.importorskip("playwright.sync_api")
     from fromage.demo import DEFAULT_CHECKPOINT, emoji_index, skimage_photo
     from fromage.webui import launch
 
@@ -37,7 +34,7 @@ def test_web_demo_answers_a_photo_and_a_request_with_an_image():
         port = s.getsockname()[1]
     ui, url = launch(DEFAULT_CHECKPOINT, index, port=port, block=False)
     try:
-        with playwright.sync_playwright() as pw:
+        with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1100, "height": 1000})
             page.goto(url)
