@@ -196,12 +196,14 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
                     items.append(decode_image(part.image_url.url))
         return items
 
-    def check_prompt(prompt: list[PromptItem]) -> None:
+    def check_prompt(prompt: list[PromptItem]) -> int:
+        """Refuse empty or too long prompts; returns the prompt's length in tokens."""
         if not any((isinstance(p, str) and p.strip()) or isinstance(p, Image.Image) for p in prompt):
             raise ApiError(400, "the prompt has no text and no image")
         tokens = len(bot.encode(prompt).input_ids[0])
         if tokens > config.max_prompt_tokens:
             raise ApiError(400, f"prompt is {tokens} tokens, limit {config.max_prompt_tokens}")
+        return tokens
 
     def image_json(img: RetrievedImage) -> dict[str, Any]:
         return {
@@ -255,7 +257,7 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
         if max_tokens > config.max_tokens_limit:
             raise ApiError(400, f"max_tokens is {max_tokens}, limit {config.max_tokens_limit}")
         prompt = prompt_of(body.messages)
-        check_prompt(prompt)
+        prompt_tokens = check_prompt(prompt)
         settings: dict[str, Any] = {
             "max_new_tokens": max_tokens,
             "temperature": body.temperature,
@@ -296,6 +298,8 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
             answer = bot.generate(prompt, seed=body.seed, **settings)
         text = "".join(p for p in answer if isinstance(p, str))
         images = [image_json(p) for p in answer if isinstance(p, RetrievedImage)]
+        # The answer text re-tokenised, plus the one `[RET]` that retrieved its images.
+        completion = _token_count(bot, text) + (1 if images else 0)
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -308,7 +312,11 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
                     "finish_reason": "stop",
                 }
             ],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion,
+            },
         }
 
     return app
@@ -369,6 +377,10 @@ def _caption_jobs(bot: Fromage, jobs: list[tuple[Image.Image, int]]) -> list[str
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _token_count(bot: Fromage, text: str) -> int:
+    return len(bot.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:

@@ -50,6 +50,9 @@ def test_health_models_and_chat_with_an_image(client):
     assert reply.status_code == 200, reply.text
     msg = reply.json()["choices"][0]["message"]
     assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+    usage = reply.json()["usage"]
+    assert usage["prompt_tokens"] > 2 and usage["completion_tokens"] >= 1  # the [RET] at least
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert len(msg["images"]) == 1
     picture = client.get(msg["images"][0]["url"])
     assert picture.status_code == 200 and Image.open(io.BytesIO(picture.content)).size[0] > 0
