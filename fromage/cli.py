@@ -183,7 +183,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         allowed_image_hosts=tuple(args.allow_image_host),
     )
-    serve(args.model, args.index, args.host, args.port, config)
+    from .demo import DEFAULT_CHECKPOINT
+
+    serve(args.model or DEFAULT_CHECKPOINT, args.index, args.host, args.port, config)
     return 0
 
 
@@ -296,26 +298,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_train(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "fetch":
-        return cmd_fetch(args)
-    if args.command == "index":
-        return cmd_index(args)
-    if args.command == "retrieve":
-        return cmd_retrieve(args)
-    if args.command == "caption":
-        return cmd_caption(args)
-    if args.command == "chat":
-        return cmd_chat(args)
-    if args.command == "demo":
-        return cmd_demo(args)
-    if args.command == "demo-web":
-        return cmd_demo_web(args)
-    if args.command == "serve":
-        if args.model is None:
-            from .demo import DEFAULT_CHECKPOINT
-
-            args.model = str(DEFAULT_CHECKPOINT)
-        return cmd_serve(args)
+    commands = {
+        "fetch": cmd_fetch,
+        "index": cmd_index,
+        "retrieve": cmd_retrieve,
+        "caption": cmd_caption,
+        "chat": cmd_chat,
+        "demo": cmd_demo,
+        "demo-web": cmd_demo_web,
+        "serve": cmd_serve,
+    }
+    if args.command in commands:
+        return commands[args.command](args)
     parser.error(f"unknown command {args.command}")
     return 2
 

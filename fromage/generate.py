@@ -125,32 +125,26 @@ def decode(
         if int(token) == special.eos:
             return
         if stepper is not None:
-            last, selected = stepper.step(model.embed_inputs(token[:, None])[:, 0].float())
-            ids = torch.cat([ids, token[:, None]], 1)
-            hidden = last.to(out.last_hidden.dtype)
-            if int(token) == model.ret_token_id:
-                rets += 1
-                yield Step(int(token), selected[0].float())
-            else:
-                yield Step(int(token))
-            continue
-        if use_cache:
-            step = model(
-                token[:, None],
-                cache=cache,
-                use_cache=True,
-                compute_logits=False,
-                position_ids=torch.full((1, 1), ids.shape[1], device=device),
-            )
-            cache = step.cache
+            hidden, ret_hidden = stepper.step(model.embed_inputs(token[:, None])[:, 0].float())
+            hidden = hidden.to(out.last_hidden.dtype)
         else:
-            # The naive twin: the whole sequence again, images included.
-            step = model(torch.cat([ids, token[:, None]], 1), image_features=feats, compute_logits=False)
+            if use_cache:
+                step = model(
+                    token[:, None],
+                    cache=cache,
+                    use_cache=True,
+                    compute_logits=False,
+                    position_ids=torch.full((1, 1), ids.shape[1], device=device),
+                )
+                cache = step.cache
+            else:
+                # The naive twin: the whole sequence again, images included.
+                step = model(torch.cat([ids, token[:, None]], 1), image_features=feats, compute_logits=False)
+            hidden, ret_hidden = step.last_hidden[:, -1], step.ret_hidden[:, -1]
         ids = torch.cat([ids, token[:, None]], 1)
-        hidden = step.last_hidden[:, -1]
         if int(token) == model.ret_token_id:
             rets += 1
-            yield Step(int(token), step.ret_hidden[0, -1].float())
+            yield Step(int(token), ret_hidden[0].float())
         else:
             yield Step(int(token))
 
