@@ -199,6 +199,31 @@ def cmd_demo_web(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .demo import DEFAULT_CHECKPOINT
+    from .evaluate import run
+
+    model = args.model or str(DEFAULT_CHECKPOINT)
+    out = args.out or f"runs/eval-{args.task}"
+    needs_data = args.task != "offline"
+    if needs_data and not args.data:
+        raise SystemExit(f"fromage eval {args.task}: --data FILE is required (see docs/evaluation.md)")
+    if args.task in ("vist", "visdial-retrieval", "visdial-answers") and not args.images:
+        raise SystemExit(f"fromage eval {args.task}: --images DIR is required (see docs/evaluation.md)")
+    if args.task == "offline":
+        results = run.eval_offline(model, out)
+    elif args.task == "vist":
+        results = run.eval_vist(model, args.data, args.images, out, text_field=args.vist_text_field)
+    elif args.task.startswith("visdial"):
+        results = run.eval_visdial(model, args.data, args.images, out, task=args.task, dense=args.dense)
+    else:
+        results = run.eval_collection(model, args.data, args.images, out, captions=not args.no_captions)
+    for result in results:
+        print(result.table(), end="\n\n")
+    print(f"results: {out}/results.json, {out}/results.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fromage", description="FROMAGe: frozen LMs grounded to images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -280,6 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default=None, help="index directory (default: the Google emoji index)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
+    p = sub.add_parser(
+        "eval",
+        help="benchmarks: offline (no download), vist, visdial-retrieval, visdial-answers, collection",
+        description="Writes results.json and results.md (and examples.png for offline) under --out. "
+        "File layouts for vist and visdial-*: docs/evaluation.md.",
+    )
+    p.add_argument("task", choices=["offline", "vist", "visdial-retrieval", "visdial-answers", "collection"])
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    p.add_argument("--data", default=None, help="the benchmark's annotation file (JSON, TSV or JSONL)")
+    p.add_argument("--images", default=None, help="directory of the benchmark's images")
+    p.add_argument("--dense", default=None, help="VisDial dense annotations (NDCG) for visdial-answers")
+    p.add_argument("--vist-text-field", default="text", choices=["text", "original_text"])
+    p.add_argument("--no-captions", action="store_true", help="collection: skip greedy captioning")
+    p.add_argument("--out", default=None, help="output directory (default: runs/eval-TASK)")
     p = sub.add_parser("demo", help="the shipped model in a scripted conversation (prints it, writes HTML)")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
     p.add_argument("--index", default=None, help="emoji index directory (default: under FROMAGE_HOME)")
@@ -307,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": cmd_demo,
         "demo-web": cmd_demo_web,
         "serve": cmd_serve,
+        "eval": cmd_eval,
     }
     if args.command in commands:
         return commands[args.command](args)

@@ -112,7 +112,25 @@ class DataConfig:
     """Share of refinement samples that read a request instead of the caption. One linear map
     serves both forms: more requests cost caption recall (measured in BENCHMARKS.md)."""
 
+    qa_caption_forms: int = 4
+    """Dialogues per image with question/answer pairs (easy-VQA) for the captioning pass: 1–3
+    of its rounds, `Q: q A: a.` each (data/dialogues.py). Teaches answering questions about
+    an image (answer selection); 0 = captions only."""
+    qa_caption_share: float = 0.5
+    """Share of captioning samples of such images that read a dialogue instead of the caption."""
+    qa_retrieval_forms: int = 3
+    """Dialogues per such image whose answers determine it, added to retrieval refinement
+    (dialogue → image retrieval); each costs one LM pass over ~40 tokens, once."""
+    qa_retrieval_share: float = 0.6
+    """Share of refinement samples of such images that read a dialogue instead of the caption."""
+
     def __post_init__(self) -> None:
+        for name in ("qa_caption_share", "qa_retrieval_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("qa_caption_forms", "qa_retrieval_forms"):
+            if not 0 <= getattr(self, name) <= 16:
+                raise ValueError(f"{name} must be in 0..16, got {getattr(self, name)}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if not 0.0 <= self.heldout_concept_fraction < 1.0:

@@ -32,6 +32,7 @@ from .generate import GenerationConfig, decode, greedy_captions
 from .images import load_image
 from .index import ImageIndex
 from .model import IMAGE_TOKEN_ID, FromageModel
+from .scoring import candidate_logprobs, ret_hidden_batch
 
 PromptItem: TypeAlias = "str | Image.Image | Path"
 
@@ -163,25 +164,13 @@ class Fromage:
         if self.index is None:
             raise ValueError("retrieval needs an image index: Fromage.from_pretrained(..., index=DIR)")
         encoded = [self.encode(p) for p in prompts]
-        if not encoded:
-            return []
-        rows = [[*e.input_ids[0].tolist(), self.model.ret_token_id] for e in encoded]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.special.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-        feats = [e.image_features for e in encoded if e.image_features is not None]
-        device = self.model.ret_embedding.device
-        out = self.model(
-            ids.to(device),
-            attention_mask=mask.to(device),
-            image_features=torch.cat(feats).to(device) if feats else None,
-            position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
-            compute_logits=False,
+        hidden = ret_hidden_batch(
+            self.model,
+            [e.input_ids[0].tolist() for e in encoded],
+            [e.image_features for e in encoded],
+            self.special.pad,
         )
-        return [self._search(out.ret_hidden[i, -1], k, e.context_rows) for i, e in enumerate(encoded)]
+        return [self._search(hidden[i], k, e.context_rows) for i, e in enumerate(encoded)]
 
     # ------------------------------------------------------------------ generation
 
@@ -277,24 +266,14 @@ class Fromage:
 
     @torch.no_grad()
     def score(self, prompt: Sequence[PromptItem], candidates: Sequence[str]) -> list[float]:
-        """Log-likelihood of each candidate continuation given the prompt (answer selection).
-        Position t predicts token t+1: the candidate's tokens are scored from the positions
-        just before them (DESIGN §6: the published VisDial code forgot this shift)."""
+        """Log-likelihood of each candidate continuation given the prompt (answer selection),
+        with the causal shift done right (scoring.py). The prompt runs once for all candidates."""
         enc = self.encode(prompt)
-        device = self.model.ret_embedding.device
-        feats = None if enc.image_features is None else enc.image_features.to(device)
-        out = []
-        for text in candidates:
-            cand = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not cand:
+        tokens = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in candidates]
+        for text, ids in zip(candidates, tokens, strict=True):
+            if not ids:
                 raise ValueError(f"candidate {text!r} has no tokens")
-            ids = torch.cat([enc.input_ids, torch.tensor([cand])], 1).to(device)
-            logits = self.model(ids, image_features=feats).logits[0]  # (T, V+1)
-            logp = torch.log_softmax(logits.float(), -1)
-            start = enc.input_ids.shape[1]
-            positions = torch.arange(start - 1, ids.shape[1] - 1, device=device)
-            out.append(float(logp[positions, ids[0, start:]].sum()))
-        return out
+        return candidate_logprobs(self.model, enc.input_ids, enc.image_features, tokens).tolist()
 
 
 def split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

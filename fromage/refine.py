@@ -41,16 +41,21 @@ def ret_states(model: FromageModel, prefixes: TextPrefix, chunk: int = 256) -> t
 
 
 def pick_texts(
-    text_of_example: torch.Tensor, idx: torch.Tensor, generator: torch.Generator, variant_share: float = 0.5
+    text_of_example: torch.Tensor,
+    idx: torch.Tensor,
+    generator: torch.Generator,
+    variant_share: float | torch.Tensor = 0.5,
 ) -> torch.Tensor:
     """Rows of the state table for examples `idx`. text_of_example is (N,) one text per example,
-    or (N, V): column 0 the caption, columns 1.. its variants (request forms); a variant is
-    drawn with probability `variant_share`, uniformly among them."""
+    or (N, V): column 0 the caption, columns 1.. its variants (request forms, dialogues); a
+    variant is drawn with probability `variant_share` (one number, or (N,) per example),
+    uniformly among the columns."""
     rows = text_of_example[idx]
     if rows.dim() == 1 or rows.shape[1] == 1:
         return rows.reshape(-1)
     n = rows.shape[0]
-    variant = torch.rand(n, generator=generator) < variant_share
+    share = variant_share[idx] if isinstance(variant_share, torch.Tensor) else variant_share
+    variant = torch.rand(n, generator=generator) < share
     column = torch.randint(1, rows.shape[1], (n,), generator=generator) * variant
     return rows[torch.arange(n), column]
 
@@ -66,7 +71,7 @@ def refine_retrieval(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
-    variant_share: float = 0.5,
+    variant_share: float | torch.Tensor = 0.5,
 ) -> RefineResult:
     """Train `text_ret_map`, `image_ret_map` and `logit_scale` on fixed `[RET]` states.
 

@@ -34,6 +34,8 @@ from .checkpoint import atomic_write_bytes, save_model
 from .config import TrainConfig, save_json, to_dict
 from .data.collate import SpecialTokens, caption_batch, retrieval_prefix_batch, tokenize_captions
 from .data.dataset import Split, build_examples, extract_features
+from .data.dialogues import determining_dialogue, random_dialogue
+from .data.examples import Example
 from .data.readers import BadInputLog
 from .data.requests import request_forms
 from .losses import caption_loss, contrastive_loss, ret_token_loss
@@ -133,10 +135,50 @@ def precompute_prefixes(
     return table.select(inverse)
 
 
+def pick_caption_texts(
+    texts: list[list[int]],
+    qa_forms: list[list[list[int]]],
+    idx: list[int],
+    share: float,
+    generator: torch.Generator,
+) -> list[list[int]]:
+    """What the captioning pass reads for each image in `idx`: its caption, or with probability
+    `share` one of its dialogues (images that have some), drawn uniformly."""
+    draws = torch.rand(len(idx), generator=generator).tolist()
+    picks = torch.randint(0, 1 << 30, (len(idx),), generator=generator).tolist()
+    out = []
+    for i, draw, pick in zip(idx, draws, picks, strict=True):
+        forms = qa_forms[i]
+        out.append(forms[pick % len(forms)] if forms and draw < share else texts[i])
+    return out
+
+
+def retrieval_variants(
+    examples: list[Example], tokenizer: Any, config: TrainConfig
+) -> tuple[list[list[list[int]]], list[float]]:
+    """Per example, the texts refinement may read instead of its caption, and how often:
+    dialogues that determine the image (images with questions), else request forms."""
+    rng = random.Random(config.seed + 1)
+    data = config.data
+    max_tokens = data.max_caption_tokens
+    variants, shares = [], []
+    for e in examples:
+        dialogues = [determining_dialogue(e.qa, rng) for _ in range(data.qa_retrieval_forms)] if e.qa else []
+        found = [d.text() for d in dialogues if d is not None]
+        if found:
+            variants.append(tokenize_captions(tokenizer, found, max_tokens * 4))
+            shares.append(data.qa_retrieval_share)
+        else:
+            forms = request_forms(e.caption, data.request_forms)
+            variants.append(tokenize_captions(tokenizer, forms, max_tokens + 8) if forms else [])
+            shares.append(data.request_share)
+    return variants, shares
+
+
 def train_step(
     model: FromageModel,
     split: Split,
-    texts: list[list[int]],
+    caption_texts: list[list[int]],
     prefixes: TextPrefix,
     text_of_example: torch.Tensor,
     group_ids: torch.Tensor,
@@ -149,7 +191,8 @@ def train_step(
     device: torch.device,
     scale: float = 1.0,
 ) -> dict[str, float]:
-    """Both passes on one micro-batch; backward with `scale` (1 / accumulation steps)."""
+    """Both passes on one micro-batch; backward with `scale` (1 / accumulation steps).
+    caption_texts[j] is what the captioning pass reads for image caption_idx[j]."""
     views = split.features.shape[0]
 
     def features(idx: list[int]) -> torch.Tensor:
@@ -157,9 +200,7 @@ def train_step(
         return split.features[view, torch.tensor(idx)].to(device)
 
     # (1) captioning pass: full backward through the LM into the visual tokens.
-    batch = caption_batch(
-        [texts[i] for i in caption_idx], model.config.num_visual_tokens, special, interleave
-    )
+    batch = caption_batch(caption_texts, model.config.num_visual_tokens, special, interleave)
     cap_feats = features([caption_idx[j] for j in batch.image_order])
     logits, targets = model.caption_forward(
         batch.input_ids.to(device), batch.attention_mask.to(device), cap_feats, batch.labels.to(device)
@@ -231,6 +272,18 @@ def train(config: TrainConfig) -> TrainResult:
         for n, s in val_splits.items()
         if n.startswith("emoji")
     }
+    # Dialogues about images that come with questions (easy-VQA) for the captioning pass.
+    forms_rng = random.Random(config.seed)
+    qa_forms = [
+        tokenize_captions(
+            tokenizer,
+            [random_dialogue(e.qa, forms_rng).text() for _ in range(config.data.qa_caption_forms)],
+            max_tokens * 3,
+        )
+        if e.qa
+        else []
+        for e in split.examples
+    ]
     group_index: dict[str, int] = {}
     group_ids = torch.tensor(
         [group_index.setdefault(e.group or f"#{i}", len(group_index)) for i, e in enumerate(split.examples)]
@@ -292,15 +345,18 @@ def train(config: TrainConfig) -> TrainResult:
         parts = []
         for _ in range(config.grad_accum_steps):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                caption_idx = caption_sampler.take(config.batch_size)
                 parts.append(
                     train_step(
                         model,
                         split,
-                        texts,
+                        pick_caption_texts(
+                            texts, qa_forms, caption_idx, config.data.qa_caption_share, generator
+                        ),
                         prefixes,
                         text_of_example,
                         group_ids,
-                        caption_sampler.take(config.batch_size),
+                        caption_idx,
                         retrieval_sampler.take(config.retrieval_batch_size),
                         special,
                         interleave,
@@ -346,12 +402,17 @@ def train(config: TrainConfig) -> TrainResult:
         t0 = time.time()
         # Requests ("show me a red apple") join the captions here: their [RET] states come from
         # the final [RET], and the retrieval maps learn to place both forms on the image.
-        forms = [request_forms(e.caption, config.data.request_forms) for e in split.examples]
-        form_texts = [tokenize_captions(tokenizer, f, max_tokens + 8) if f else [] for f in forms]
+        # Dialogues whose answers determine the image join them for images with questions.
+        form_texts, shares = retrieval_variants(split.examples, tokenizer, config)
         fill_states(model, [t for f in form_texts for t in f], special, state_cache)
         row_of = {text: i for i, text in enumerate(state_cache)}
+        width = max(len(f) for f in form_texts)
         table = torch.tensor(
-            [[row_of[tuple(t)] for t in [texts[i], *form_texts[i]]] for i in range(len(split))]
+            [
+                [row_of[tuple(texts[i])]]
+                + [row_of[tuple(f[j % len(f)] if f else texts[i])] for j in range(width)]
+                for i, f in enumerate(form_texts)
+            ]
         )
         result = refine_retrieval(
             model,
@@ -363,7 +424,7 @@ def train(config: TrainConfig) -> TrainResult:
             batch_size=config.refine_batch_size,
             lr=config.refine_lr,
             seed=config.seed,
-            variant_share=config.data.request_share,
+            variant_share=torch.tensor(shares),
         )
         refined = {
             "refine/first_loss": result.first_loss,

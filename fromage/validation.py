@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import torch
 
 from .data.builtin import is_heldout
-from .data.collate import SpecialTokens, caption_batch, retrieval_prefix_batch
+from .data.collate import SpecialTokens, caption_batch
 from .data.dataset import Split
 from .generate import greedy_captions
 from .metrics import group_recall_at_k
 from .model import FromageModel
+from .scoring import ret_hidden_batch
 
 StateCache = dict[tuple[int, ...], torch.Tensor]
 """Token ids of a text → its (d,) hidden state at `[RET]`. Valid while `[RET]` is unchanged."""
@@ -26,13 +27,13 @@ def fill_states(
     states: StateCache,
     batch_size: int = 256,
 ) -> StateCache:
-    """Add the `[RET]` state of `[BOS] text [RET]` for each text not yet in `states`."""
-    device = model.ret_embedding.device
-    todo = list(dict.fromkeys(tuple(t) for t in texts if tuple(t) not in states))
+    """Add the `[RET]` state of `[BOS] text [RET]` for each text not yet in `states`.
+    Texts run in length order so little compute goes to padding."""
+    todo = sorted(dict.fromkeys(tuple(t) for t in texts if tuple(t) not in states), key=len)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        ids, mask = retrieval_prefix_batch([list(t) for t in chunk], special)
-        hidden = model.retrieval_forward(ids.to(device), mask.to(device)).ret_hidden.float().cpu()
+        rows = [[special.bos, *t] for t in chunk]
+        hidden = ret_hidden_batch(model, rows, [None] * len(rows), special.pad).cpu()
         states.update(zip(chunk, hidden, strict=True))
     return states
 

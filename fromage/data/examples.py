@@ -15,3 +15,6 @@ class Example:
     group: str = ""
     """Examples with the same non-empty group describe the same thing (same caption or concept):
     the contrastive loss does not treat them as negatives of each other."""
+    qa: tuple[tuple[str, str], ...] = ()
+    """Questions about the image with their answers (easy-VQA); the recipe trains on dialogues
+    made of them beside the caption (data/dialogues.py)."""

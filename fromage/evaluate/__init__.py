@@ -1,0 +1,1 @@
+"""Evaluation: the paper's benchmarks and the offline benchmark."""
