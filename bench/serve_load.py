@@ -93,7 +93,9 @@ def report(label: str, r: dict) -> float:
     for route, values in r["latencies"].items():
         if values:
             cuts = statistics.quantiles(values, n=20) if len(values) > 1 else values * 19
-            parts.append(f"{route} n={len(values)} p50 {statistics.median(values) * 1000:.0f} ms p95 {cuts[18] * 1000:.0f} ms")
+            parts.append(
+                f"{route} n={len(values)} p50 {statistics.median(values) * 1000:.0f} ms p95 {cuts[18] * 1000:.0f} ms"
+            )
     parts.append(f"5xx {r['5xx']}, failed connections {r['failed']}, retrieve batches {r['batches']}")
     print("; ".join(parts), flush=True)
     return rps

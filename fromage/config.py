@@ -112,15 +112,19 @@ class DataConfig:
     """Share of refinement samples that read a request instead of the caption. One linear map
     serves both forms: more requests cost caption recall (measured in BENCHMARKS.md)."""
 
-    qa_caption_forms: int = 4
-    """Dialogues per image with question/answer pairs (easy-VQA) for the captioning pass: 1–3
-    of its rounds, `Q: q A: a.` each (data/dialogues.py). Teaches answering questions about
-    an image (answer selection); 0 = captions only."""
+    qa_caption_forms: int = 0
+    """Questions per image with question/answer pairs (easy-VQA) for the captioning pass, one
+    round each, `Q: q A: a.` (data/dialogues.py): teaches answering questions about the image
+    (answer selection). One round keeps rows as short as captions: the captioning pass pays
+    for its longest row. 0 (the default) = captions only: on 2 CPU cores the 14-minute
+    budget cannot afford it (BENCHMARKS.md, "Dialogue recipe"); try 4."""
     qa_caption_share: float = 0.5
     """Share of captioning samples of such images that read a dialogue instead of the caption."""
-    qa_retrieval_forms: int = 3
+    qa_retrieval_forms: int = 0
     """Dialogues per such image whose answers determine it, added to retrieval refinement
-    (dialogue → image retrieval); each costs one LM pass over ~40 tokens, once."""
+    (dialogue → image retrieval); each costs one LM pass over ~40 tokens, once. 0 (the
+    default) = none; 2 lifts easy-VQA dialogue retrieval from R@1 0.06 to 0.59 at the cost of
+    ~2 minutes and 0.03 Twitter-emoji R@1 (BENCHMARKS.md)."""
     qa_retrieval_share: float = 0.6
     """Share of refinement samples of such images that read a dialogue instead of the caption."""
 

@@ -4,8 +4,11 @@
   one left-padded forward pass (retrieval, evaluation).
 - `candidate_logprobs`: log-likelihood of each candidate continuation of one prompt (answer
   selection). The prompt runs once; every candidate continues from its keys/values, and a
-  candidate's first token is read straight off the prompt's last position. Tested against
-  `candidate_logprobs_naive`, which runs prompt + candidate from scratch for each candidate.
+  candidate's first token is read straight off the prompt's last position.
+- `shared_candidate_logprobs`: the same for many prompts that share one candidate list (a
+  fixed answer vocabulary), the prompts run as one left-padded batch.
+Both are tested against `candidate_logprobs_naive`, which runs prompt + candidate from scratch
+for each candidate.
 
 Position t predicts token t+1: a candidate's tokens are scored from the positions just before
 them (DESIGN §6: the published VisDial code compared logits and labels without this shift).
@@ -14,6 +17,7 @@ them (DESIGN §6: the published VisDial code compared logits and labels without 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -33,23 +37,56 @@ def ret_hidden_batch(
         raise ValueError(f"{len(rows)} prompts but {len(features)} feature entries")
     if not rows:
         return torch.empty(0, model.config.hidden_size)
-    full = [[*r, model.ret_token_id] for r in rows]
-    width = max(len(r) for r in full)
-    ids = torch.full((len(full), width), pad_id, dtype=torch.long)
+    out, _ = _padded_forward(model, [[*r, model.ret_token_id] for r in rows], features, pad_id)
+    return out.ret_hidden[:, -1].float()
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) left-padded ids and their attention mask: every row ends at the last column."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, row in enumerate(full):
-        ids[i, width - len(row) :] = torch.tensor(row)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(list(row))
         mask[i, width - len(row) :] = 1
-    feats = [f for f in features if f is not None and f.shape[0]]
+    return ids, mask
+
+
+def _padded_forward(
+    model: FromageModel,
+    rows: Sequence[Sequence[int]],
+    features: Sequence[torch.Tensor | None],
+    pad_id: int,
+    use_cache: bool = False,
+) -> tuple[Any, torch.Tensor]:
+    """One forward pass over left-padded prompts; → (model output, (B, T) attention mask)."""
     device = model.ret_embedding.device
+    ids, mask = _left_pad(rows, pad_id)
+    feats = [f for f in features if f is not None and f.shape[0]]
     out = model(
         ids.to(device),
         attention_mask=mask.to(device),
         image_features=torch.cat(feats).to(device) if feats else None,
         position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
+        use_cache=use_cache,
         compute_logits=False,
     )
-    return out.ret_hidden[:, -1].float()
+    return out, mask
+
+
+def _copy_cache(cache: Any, rows: int = 0) -> Any:
+    """A fresh cache over the same keys/values (repeated to `rows` rows when given); `update`
+    concatenates into new tensors, so the original stays intact for the next candidate."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for layer, kv in enumerate(cache.layers):
+        keys, values = kv.keys, kv.values
+        if rows:
+            keys = keys.expand(rows, -1, -1, -1).contiguous()
+            values = values.expand(rows, -1, -1, -1).contiguous()
+        out.update(keys, values, layer)
+    return out
 
 
 def _check_candidates(candidates: Sequence[Sequence[int]]) -> None:
@@ -67,8 +104,6 @@ def candidate_logprobs(
 ) -> torch.Tensor:
     """prompt_ids (1, T) with image slots filled from features (n, F); candidates: token ids.
     → (C,) summed log-probability of each candidate after the prompt."""
-    from transformers import DynamicCache
-
     _check_candidates(candidates)
     device = model.ret_embedding.device
     out = model(
@@ -94,13 +129,7 @@ def candidate_logprobs(
         targets[row, :n] = torch.tensor(candidates[i][1:])
         keep[row, :n] = True
     prompt_len = prompt_ids.shape[1]
-    cache = DynamicCache()
-    for layer, kv in enumerate(out.cache.layers):
-        cache.update(
-            kv.keys.expand(len(longer), -1, -1, -1).contiguous(),
-            kv.values.expand(len(longer), -1, -1, -1).contiguous(),
-            layer,
-        )
+    cache = _copy_cache(out.cache, len(longer))
     # Right padding: a real token never attends to the pads after it, so no mask is needed.
     step = model(
         ids.to(device),
@@ -112,6 +141,42 @@ def candidate_logprobs(
     logp = torch.log_softmax(model.full_logits(step.last_hidden).float(), -1).cpu()  # (L, W, V+1)
     gathered = logp.gather(2, targets[..., None])[..., 0].masked_fill(~keep, 0.0).sum(1)
     scores[torch.tensor(longer)] += gathered
+    return scores
+
+
+@torch.no_grad()
+def shared_candidate_logprobs(
+    model: FromageModel,
+    rows: Sequence[Sequence[int]],
+    features: Sequence[torch.Tensor | None],
+    candidates: Sequence[Sequence[int]],
+    pad_id: int,
+) -> torch.Tensor:
+    """Prompts (token ids with image slots; (n_i, F) features or None each) that share one
+    candidate list → (B, C) log-likelihoods. One left-padded pass over the prompts; then one
+    short pass per candidate longer than a token, on a copy of the prompts' keys/values."""
+    _check_candidates(candidates)
+    if len(rows) != len(features):
+        raise ValueError(f"{len(rows)} prompts but {len(features)} feature entries")
+    device = model.ret_embedding.device
+    out, mask = _padded_forward(model, rows, features, pad_id, use_cache=True)
+    first = torch.log_softmax(model.full_logits(out.last_hidden[:, -1]).float(), -1).cpu()  # (B, V+1)
+    scores = first[:, [c[0] for c in candidates]].clone()  # (B, C)
+    lengths = mask.sum(1, keepdim=True)  # (B, 1) next position of each row
+    for j, cand in enumerate(candidates):
+        if len(cand) == 1:
+            continue
+        n = len(cand) - 1
+        step = model(
+            torch.tensor([list(cand[:-1])]).expand(len(rows), -1).to(device),
+            attention_mask=torch.cat([mask, torch.ones(len(rows), n, dtype=mask.dtype)], 1).to(device),
+            cache=_copy_cache(out.cache),
+            use_cache=True,
+            compute_logits=False,
+            position_ids=(lengths + torch.arange(n)).to(device),
+        )
+        logp = torch.log_softmax(model.full_logits(step.last_hidden).float(), -1).cpu()  # (B, n, V+1)
+        scores[:, j] += logp[:, torch.arange(n), torch.tensor(list(cand[1:]))].sum(1)
     return scores
 
 

@@ -272,12 +272,15 @@ def train(config: TrainConfig) -> TrainResult:
         for n, s in val_splits.items()
         if n.startswith("emoji")
     }
-    # Dialogues about images that come with questions (easy-VQA) for the captioning pass.
+    # Questions with their answers, for the captioning pass of images that have some (easy-VQA).
     forms_rng = random.Random(config.seed)
     qa_forms = [
         tokenize_captions(
             tokenizer,
-            [random_dialogue(e.qa, forms_rng).text() for _ in range(config.data.qa_caption_forms)],
+            [
+                random_dialogue(e.qa, forms_rng, max_rounds=1).text()
+                for _ in range(config.data.qa_caption_forms)
+            ],
             max_tokens * 3,
         )
         if e.qa

@@ -118,3 +118,22 @@ def test_ndcg_errors_name_the_problem():
         visdial_ndcg(torch.zeros(2, 3), torch.tensor([[1.0, 0, 0], [0, 0, 0]]))
     with pytest.raises(ValueError, match="non-negative"):
         visdial_ndcg(torch.zeros(1, 2), torch.tensor([[1.0, -0.5]]))
+
+
+def test_masked_recall_counts_any_correct_item_and_ties_against_the_model():
+    from fromage.metrics import masked_recall_at_k
+
+    scores = torch.tensor(
+        [
+            [0.9, 0.8, 0.1],  # correct {1}: one wrong item above -> hit at 2, not at 1
+            [0.2, 0.5, 0.5],  # correct {1, 2}: best correct 0.5, no wrong item >= 0.5 -> hit at 1
+            [0.5, 0.5, 0.1],  # correct {0}: the wrong item 1 ties it -> a miss at 1
+        ]
+    )
+    correct = torch.tensor([[False, True, False], [False, True, True], [True, False, False]])
+    got = masked_recall_at_k(scores, correct, ks=(1, 2))
+    assert got == {"R@1": pytest.approx(1 / 3), "R@2": pytest.approx(1.0)}
+    with pytest.raises(ValueError, match="query 0 has no correct item"):
+        masked_recall_at_k(scores, torch.zeros_like(correct))
+    with pytest.raises(ValueError, match=r"scores are \(3, 3\) but the mask is \(3, 2\)"):
+        masked_recall_at_k(scores, correct[:, :2])

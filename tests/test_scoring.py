@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from fromage.model import IMAGE_TOKEN_ID
-from fromage.scoring import candidate_logprobs, candidate_logprobs_naive, ret_hidden_batch
+from fromage.scoring import (
+    candidate_logprobs,
+    candidate_logprobs_naive,
+    ret_hidden_batch,
+    shared_candidate_logprobs,
+)
 
 from .conftest import build_model, tiny_gpt2, tiny_llama, tiny_opt
 
@@ -45,3 +50,17 @@ def test_batched_ret_states_equal_one_prompt_at_a_time():
     for i, (row, f) in enumerate(zip(rows, feats, strict=True)):
         alone = ret_hidden_batch(model, [row], [f], pad_id=0)
         torch.testing.assert_close(batched[i], alone[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lm", [lambda: tiny_llama(tied=True), tiny_opt])
+def test_shared_candidates_over_a_padded_batch_match_the_naive_twin(lm):
+    model = build_model(lm()).eval()
+    k = model.config.num_visual_tokens
+    rows = [[1, 5, 6], [1, *[IMAGE_TOKEN_ID] * k, 7, 8, 9, 10], [1, 4, *[IMAGE_TOKEN_ID] * k]]
+    torch.manual_seed(4)
+    feats = [None, torch.randn(1, model.config.feature_dim), torch.randn(1, model.config.feature_dim)]
+    batched = shared_candidate_logprobs(model, rows, feats, CANDIDATES, pad_id=0)
+    assert batched.shape == (3, len(CANDIDATES))
+    for i, (row, f) in enumerate(zip(rows, feats, strict=True)):
+        naive = candidate_logprobs_naive(model, torch.tensor([row]), f, CANDIDATES)
+        torch.testing.assert_close(batched[i], naive, atol=1e-4, rtol=1e-4)

@@ -37,15 +37,20 @@ def evaluate_collection(
     images = encoded.paths
     if not images:
         raise ValueError(f"{path}: no readable image")
-    texts = sorted({r.caption for r in rows if r.image in set(images)})
+    kept = set(images)
+    texts = sorted({r.caption for r in rows if r.image in kept})
     text_emb = ev.query_embeddings([[t] for t in texts], desc="captions")
     image_emb = ev.image_embeddings(encoded.features)
     scores = cosine_scores(text_emb, image_emb)  # (T, I)
-    # A caption written for several images counts each of them as correct.
-    text_group = {t: f"t{i}" for i, t in enumerate(texts)}
-    image_groups = [[text_group[c] for c in refs[p]] for p in images]
-    t2i = _multi_group(scores, [text_group[t] for t in texts], image_groups)
-    i2t = _multi_group(scores.T, image_groups, [[text_group[t]] for t in texts])
+    # Every (caption, image) row is a correct pair, in both directions: a caption written for
+    # several images accepts each of them, an image with several captions accepts each.
+    correct = torch.zeros_like(scores, dtype=torch.bool)
+    text_row = {t: i for i, t in enumerate(texts)}
+    for j, p in enumerate(images):
+        for c in refs[p]:
+            correct[text_row[c], j] = True
+    t2i: dict[str, float | None] = dict(masked_recall_at_k(scores, correct))
+    i2t: dict[str, float | None] = dict(masked_recall_at_k(scores.T, correct.T))
     table = [
         Row("fromage", "text → image", t2i),
         Row("fromage", "image → text", i2t),
@@ -70,15 +75,3 @@ def evaluate_collection(
         **{f"skipped_{k.replace(' ', '_')}": v for k, v in bad.counts.items()},
     }
     return TaskResult(f"captioned collection: {Path(path).name}", table, counts), generated
-
-
-def _multi_group(
-    scores: torch.Tensor, query_groups: list[str] | list[list[str]], gallery_groups: list[list[str]]
-) -> dict[str, float | None]:
-    """Recall where a query and a gallery item match when their group sets intersect."""
-    correct = torch.zeros_like(scores, dtype=torch.bool)
-    for q, groups in enumerate(query_groups):
-        mine = {groups} if isinstance(groups, str) else set(groups)
-        for j, theirs in enumerate(gallery_groups):
-            correct[q, j] = bool(mine & set(theirs))
-    return dict(masked_recall_at_k(scores, correct, (1, 5, 10)))

@@ -23,7 +23,7 @@ from ..data.dataset import extract_features
 from ..data.examples import Example
 from ..data.readers import BadInputLog
 from ..model import IMAGE_TOKEN_ID, FromageModel
-from ..scoring import candidate_logprobs, ret_hidden_batch
+from ..scoring import candidate_logprobs, ret_hidden_batch, shared_candidate_logprobs
 
 Prompt: TypeAlias = Sequence["str | torch.Tensor"]
 """Text pieces and (F,) image features, in order. `[BOS]` goes first; `[RET]` is appended."""
@@ -114,6 +114,26 @@ class Evaluator:
                 self.model, [laid[i][0] for i in rows], [laid[i][1] for i in rows], self.special.pad
             )
             out[torch.tensor(rows)] = self.model.text_embeddings(hidden).float().cpu()
+            bar.update(len(rows))
+        bar.close()
+        return out
+
+    @torch.no_grad()
+    def shared_answer_scores(
+        self, prompts: Sequence[Prompt], candidates: Sequence[str], desc: str = "answers"
+    ) -> torch.Tensor:
+        """(P, C) log-likelihood of each of one candidate list after each prompt, prompts
+        batched in length order (a fixed answer vocabulary: easy-VQA's 13 answers)."""
+        laid = [self.layout(p) for p in prompts]
+        tokens = [self.tokens(c) for c in candidates]
+        order = sorted(range(len(laid)), key=lambda i: len(laid[i][0]))
+        out = torch.empty(len(laid), len(candidates))
+        bar = tqdm(total=len(laid), desc=desc, unit="prompt", leave=False, disable=not self.progress)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            out[torch.tensor(rows)] = shared_candidate_logprobs(
+                self.model, [laid[i][0] for i in rows], [laid[i][1] for i in rows], tokens, self.special.pad
+            )
             bar.update(len(rows))
         bar.close()
         return out

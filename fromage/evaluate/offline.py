@@ -183,26 +183,24 @@ def answer_selection(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, lis
     items, feats, _ = _easyvqa_gallery(ev)
     rng = random.Random(s.seed + 1)
     candidates = [f" {a}" for a in EASYVQA_ANSWERS]
-    with_image, without, targets, kinds = [], [], [], []
-    from tqdm.auto import tqdm
-
+    prompts: list[list] = []
+    targets, kinds = [], []
     chosen = items[: s.answer_images]
-    for j, item in enumerate(
-        tqdm(chosen, desc="answer selection", unit="image", leave=False, disable=not ev.progress)
-    ):
+    for j, item in enumerate(chosen):
         rounds = list(item.qa)
         rng.shuffle(rounds)
         rounds = rounds[: s.answer_rounds]
         for r, (question, answer) in enumerate(rounds):
             text = " ".join(p for p in (format_rounds(rounds[:r]), f"Q: {question} A:") if p)
-            with_image.append(ev.answer_scores([feats[j], text], candidates))
-            without.append(ev.answer_scores([text], candidates))
+            prompts.append([feats[j], text])
             targets.append(EASYVQA_ANSWERS.index(answer))
             kinds.append(_question_kind(answer))
+    with_image = ev.shared_answer_scores(prompts, candidates, desc="answers with the image")
+    without = ev.shared_answer_scores([p[1:] for p in prompts], candidates, desc="answers without it")
     target_t = torch.tensor(targets)
     rows = []
     for system, table in (("fromage", with_image), ("baseline: LM without the image", without)):
-        scores = torch.stack(table)
+        scores = table
         metrics: dict[str, float | None] = {
             "R@1": recall_at_k(scores, target_t, (1,))["R@1"],
             "MRR": mean_reciprocal_rank(scores, target_t),
