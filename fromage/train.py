@@ -333,6 +333,7 @@ def train(config: TrainConfig) -> TrainResult:
         )
         budget_s = max(budget_s, 1.0)
     time_progress = 0.0
+    skipped_steps = streak = 0
     while step < config.max_steps:
         if config.stop_at_step and step >= config.stop_at_step:
             break
@@ -370,6 +371,28 @@ def train(config: TrainConfig) -> TrainResult:
                     )
                 )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        if not (math.isfinite(float(grad_norm)) and all(math.isfinite(p["loss"]) for p in parts)):
+            # A NaN/inf loss or gradient: the update is dropped, counted, and the run stops
+            # once too many come in a row (the saved checkpoints stay finite).
+            optimizer.zero_grad(set_to_none=True)
+            skipped_steps += 1
+            streak += 1
+            log.warning(
+                "step %d: non-finite loss %s or gradient norm %s; update skipped (%d in a row)",
+                step,
+                [p["loss"] for p in parts],
+                float(grad_norm),
+                streak,
+            )
+            if streak >= config.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{streak} steps in a row had a non-finite loss or gradient (limit "
+                    f"max_nonfinite_steps={config.max_nonfinite_steps}); stopped at step {step}. "
+                    f"The last checkpoint in {out_dir} holds finite weights; try a lower lr "
+                    f"(now {config.lr}) or precision fp32."
+                )
+            continue
+        streak = 0
         optimizer.step()
         if config.model.ret_norm_rescale:
             model.rescale_ret_embedding()
@@ -453,6 +476,7 @@ def train(config: TrainConfig) -> TrainResult:
         "samples_per_s": rate,
         "wall_minutes": (time.time() - start_time) / 60,
         "bad_inputs": bad.total,
+        "nonfinite_steps_skipped": skipped_steps,
     }
     _log(metrics_file, writer, step, summary)
     metrics_file.close()
