@@ -36,7 +36,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
         array = np.asarray(image, dtype=np.float64)
         peak = float(array.max()) or 1.0
-        image = Image.fromarray((array * (255.0 / peak)).astype("uint8"), mode="L")
+        image = Image.fromarray(np.rint(array * (255.0 / peak)).astype("uint8"), mode="L")
     return image.convert("RGB")
 
 

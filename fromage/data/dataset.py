@@ -101,11 +101,11 @@ def extract_features(
                 images = list(
                     pool.map(lambda vj: _render(examples[kept[vj[1]]], vj[0], digests[kept[vj[1]]]), part)
                 )
-            ok = [(vj, img) for vj, img in zip(part, images, strict=False) if img is not None]
+            ok = [(vj, img) for vj, img in zip(part, images, strict=False) if not isinstance(img, str)]
             for vj, img in zip(part, images, strict=False):
-                if img is None and vj[1] not in broken:
+                if isinstance(img, str) and vj[1] not in broken:
                     broken.add(vj[1])
-                    bad.add("undecodable image", f"{examples[kept[vj[1]]].image}: cannot decode image")
+                    bad.add("undecodable image", img)
             if ok:
                 feats = torch.cat(
                     [
@@ -129,10 +129,11 @@ def _safe_digest(path: str) -> str | None:
 
 
 def _render(example: Example, view: int, digest: str | None):
+    """The image (or its restyled view), or the message saying why it cannot be decoded."""
     try:
         image = load_image(example.image)
-    except ImageError:
-        return None
+    except ImageError as err:
+        return str(err)
     if view == 0:
         return image
     return restyle(image, random.Random(f"{digest}:{view}"))
