@@ -310,6 +310,7 @@ def train(config: TrainConfig) -> TrainResult:
     step = 0
 
     state_dir = out_dir / "train_state"
+    _remove_stale_temporaries(out_dir)
     if config.resume and (state_dir / "state.pt").exists():
         step = _load_state(state_dir, model, optimizer, caption_sampler, retrieval_sampler, generator)
         log.info("resumed from step %d", step)
@@ -569,6 +570,18 @@ def _save(
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, state_dir / "state.pt")
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Half-written files a killed run left behind (writes go to a hidden temporary name and
+    are renamed when complete, so these never hold anything the run needs)."""
+    for folder in (out_dir / "checkpoint", out_dir / "train_state"):
+        for stale in folder.glob(".*"):
+            if stale.is_file() and stale.name.startswith(
+                (".model.safetensors.", ".config.json.", ".state.pt.")
+            ):
+                log.info("removing %s, left by an interrupted write", stale)
+                stale.unlink()
 
 
 def _load_state(state_dir: Path, model, optimizer, caption_sampler, retrieval_sampler, generator) -> int:

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import logging
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,10 +38,8 @@ from ..data.dialogues import determining_dialogue, format_rounds
 from ..data.examples import Example
 from ..metrics import mean_reciprocal_rank, recall_at_k
 from .engine import Evaluator, cosine_scores
-from .ranking import NO_TEXT_TOWER, exclude, group_metrics, mean_context_baseline
+from .ranking import NO_TEXT_TOWER, exclude, group_metrics, mean_context_baseline, retrieval_metrics
 from .report import Row, TaskResult
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,7 +54,7 @@ class OfflineSettings:
 
 
 @dataclass
-class Example5:
+class ExampleQuery:
     """One query for the plot: what was asked and the five best images."""
 
     title: str
@@ -69,7 +66,7 @@ class Example5:
 @dataclass
 class OfflineRun:
     results: list[TaskResult] = field(default_factory=list)
-    examples: list[Example5] = field(default_factory=list)
+    examples: list[ExampleQuery] = field(default_factory=list)
 
 
 def run_offline(ev: Evaluator, settings: OfflineSettings) -> OfflineRun:
@@ -100,7 +97,7 @@ def _top5(scores: torch.Tensor, paths: list[str], correct: list[bool]) -> tuple[
     return [paths[j] for j in top], [correct[j] for j in top]
 
 
-def emoji_cross_style(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list[Example5]]:
+def emoji_cross_style(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list[ExampleQuery]]:
     gallery, _, images = _gallery(ev, emoji_examples("twitter", "all", s.heldout_fraction), "twitter emoji")
     names = [e.caption for e in gallery]
     texts = ev.query_embeddings([[n] for n in names], desc="emoji names")
@@ -119,7 +116,7 @@ def emoji_cross_style(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, li
         if name in names:
             i = names.index(name)
             top, ok = _top5(scores[i], paths, [n == name for n in names])
-            examples.append(Example5("emoji → Twitter", name, top, ok))
+            examples.append(ExampleQuery("emoji → Twitter", name, top, ok))
     result = TaskResult("emoji cross-style retrieval (name → Twitter rendering)", rows, counts)
     return result, examples
 
@@ -135,7 +132,7 @@ def _easyvqa_gallery(ev: Evaluator):
     return [by_path[e.image] for e in kept], feats, images
 
 
-def dialogue_retrieval(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list[Example5]]:
+def dialogue_retrieval(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list[ExampleQuery]]:
     items, _, images = _easyvqa_gallery(ev)
     rng = random.Random(s.seed)
     queries: list[int] = []
@@ -168,7 +165,7 @@ def dialogue_retrieval(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, l
     examples = []
     for q in range(min(2, len(texts))):
         top, ok = _top5(scores[q], paths, [g == groups[queries[q]] for g in groups])
-        examples.append(Example5("dialogue → easy-VQA image", texts[q], top, ok))
+        examples.append(ExampleQuery("dialogue → easy-VQA image", texts[q], top, ok))
     return TaskResult("easy-VQA dialogue retrieval (VisDial text→image protocol)", rows, counts), examples
 
 
@@ -179,7 +176,7 @@ def _question_kind(answer: str) -> str:
     return "colour" if answer in EASYVQA_COLORS else "shape" if answer in EASYVQA_SHAPES else "yes/no"
 
 
-def answer_selection(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list[Example5]]:
+def answer_selection(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list[ExampleQuery]]:
     items, feats, _ = _easyvqa_gallery(ev)
     rng = random.Random(s.seed + 1)
     candidates = [f" {a}" for a in EASYVQA_ANSWERS]
@@ -245,7 +242,7 @@ def story_prompts(captions: list[str], images: list[torch.Tensor], family_word: 
     }
 
 
-def story_retrieval(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list[Example5]]:
+def story_retrieval(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list[ExampleQuery]]:
     gallery, feats, images = _gallery(ev, emoji_examples("google", "all", s.heldout_fraction), "google emoji")
     trained = [i for i, e in enumerate(gallery) if not is_heldout(e.caption, s.heldout_fraction)]
     families = emoji_families([gallery[i] for i in trained])
@@ -262,8 +259,6 @@ def story_retrieval(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list
             prompts[k].append(built[k])
     targets = torch.tensor([rows[-1] for _, rows in stories])
     context = [rows[:-1] for _, rows in stories]
-    from .ranking import retrieval_metrics
-
     table_rows, all_scores = [], {}
     for k in SETTINGS:
         scores = exclude(
@@ -284,7 +279,7 @@ def story_retrieval(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list
         word, rows = stories[q]
         query = " ".join(str(p) if isinstance(p, str) else "[img]" for p in prompts[SETTINGS[2]][q])
         top, ok = _top5(all_scores[SETTINGS[2]][q], paths, [j == rows[-1] for j in range(len(paths))])
-        examples.append(Example5("story → next emoji (5 captions + 4 images)", query, top, ok))
+        examples.append(ExampleQuery("story → next emoji (5 captions + 4 images)", query, top, ok))
     result = TaskResult("emoji story retrieval (VIST protocol, three context settings)", table_rows, counts)
     return result, examples
 

@@ -8,15 +8,12 @@ where a picture says more). `fromage eval TASK` calls these; so can Python:
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from .engine import Evaluator
 from .report import TaskResult, write_results
-
-log = logging.getLogger(__name__)
 
 TASKS = ("offline", "vist", "visdial-retrieval", "visdial-answers", "collection")
 
