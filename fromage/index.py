@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,10 +183,38 @@ class ImageIndex:
         checkpoint_digest: str | None = None,
         dim: int | None = None,
         verify_hashes: bool = True,
+        attempts: int = 20,
     ) -> ImageIndex:
         """Open an index, checking every file against the manifest first, then (when given)
-        that it was built with this encoder, checkpoint and dimension."""
+        that it was built with this encoder, checkpoint and dimension.
+
+        A writer replaces the whole directory (`save`), so a load that overlaps a save can
+        see the directory missing, or files of two versions. Such a load is detected (the
+        directory's identity changed, or it vanished) and retried: a reader gets the old or the
+        new index, never a torn one. A fault in an unchanging directory raises at once."""
         directory = Path(directory)
+        for attempt in range(attempts):
+            before = _identity(directory)
+            try:
+                index = cls._load_once(directory, encoder_id, checkpoint_digest, dim, verify_hashes)
+            except Exception:  # a torn read can fail anywhere (numpy, JSON, FAISS's reader)
+                if before is not None and _identity(directory) == before or attempt == attempts - 1:
+                    raise
+            else:
+                if before is not None and _identity(directory) == before:
+                    return index
+            time.sleep(0.005 * (attempt + 1))
+        raise BadIndex(f"{directory}: kept changing while being read ({attempts} attempts)")
+
+    @classmethod
+    def _load_once(
+        cls,
+        directory: Path,
+        encoder_id: str | None,
+        checkpoint_digest: str | None,
+        dim: int | None,
+        verify_hashes: bool,
+    ) -> ImageIndex:
         manifest_path = directory / "manifest.json"
         if not manifest_path.is_file():
             raise BadIndex(f"{directory}: not an image index (no manifest.json)")
@@ -267,3 +296,14 @@ def brute_force_search(embeddings: np.ndarray, queries: np.ndarray, k: int) -> t
     scores = np.asarray(queries, np.float32) @ np.asarray(embeddings, np.float32).T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, 1), order
+
+
+def _identity(directory: Path) -> tuple[int, int, bytes] | None:
+    """What tells two saved versions apart: the directory's inode (a save swaps in a new
+    directory) and its manifest's bytes (inodes are reused quickly; manifests of different
+    versions differ). None while the directory is missing (mid-replace)."""
+    try:
+        st = os.stat(directory)
+        return st.st_dev, st.st_ino, (directory / "manifest.json").read_bytes()
+    except FileNotFoundError:
+        return None

@@ -91,3 +91,47 @@ def test_extend_appends_rows_and_save_replaces_atomically(tmp_path):
     assert len(again) == 80 and again.metadata[79]["path"] == "img79.png"
     assert json.loads((directory / "manifest.json").read_text())["count"] == 80
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_readers_during_incremental_adds_see_the_old_or_the_new_index_never_a_torn_one(tmp_path):
+    """Issue #7 item 4: one writer grows the index 40 times while two readers load it in a
+    loop; every load succeeds and is one whole saved version (rows, metadata and FAISS agree)."""
+    import threading
+
+    directory = _built(tmp_path, n=500)
+    versions = {500}
+    done = threading.Event()
+    seen: list[int] = []
+    failures: list[str] = []
+
+    def writer():
+        try:
+            index = ImageIndex.load(directory)
+            for step in range(40):
+                index = index.extend(_unit(50, seed=step + 1), _meta(50, start=index.manifest.count))
+                versions.add(index.manifest.count)
+                index.save(directory)
+        finally:
+            done.set()
+
+    def reader():
+        while not done.is_set():
+            try:
+                index = ImageIndex.load(directory)
+            except Exception as err:  # any escape is a failure, not a silently dead thread
+                failures.append(f"{type(err).__name__}: {err}")
+                continue
+            count = index.manifest.count
+            if not (len(index.metadata) == index.embeddings.shape[0] == index.faiss_index.ntotal == count):
+                failures.append(f"torn: manifest {count}, rows {index.embeddings.shape[0]}")
+            if index.metadata[-1]["digest"] != f"d{count - 1}":
+                failures.append(f"torn: metadata of another version under manifest {count}")
+            seen.append(count)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert failures == []
+    assert len(seen) >= 10 and len(set(seen)) >= 3 and set(seen) <= versions
