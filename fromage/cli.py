@@ -218,9 +218,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results = run.eval_visdial(model, args.data, args.images, out, task=args.task, dense=args.dense)
     else:
         results = run.eval_collection(model, args.data, args.images, out, captions=not args.no_captions)
-    for result in results:
-        print(result.table(), end="\n\n")
-    print(f"results: {out}/results.json, {out}/results.md")
+    if args.task == "offline":
+        from .evaluate.report import summary_table
+
+        print(summary_table(results), end="\n\n")
+    else:
+        for result in results:
+            print(result.table(), end="\n\n")
+    print(f"results: {out}/results.json, {out}/results.md (every metric, counts, notes)")
     return 0
 
 

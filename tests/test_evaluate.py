@@ -223,3 +223,20 @@ def test_eval_cli_needs_data_for_file_benchmarks(capsys):
 
     with pytest.raises(SystemExit, match="--data FILE is required"):
         main(["eval", "vist", "--model", "x"])
+
+
+def test_summary_table_puts_every_task_in_one_table():
+    from fromage.evaluate.report import Row, TaskResult, summary_table
+
+    results = [
+        TaskResult(
+            "a", [Row("fromage", "s1", {"R@1": 0.5, "R@5": 1.0}), Row("baseline", "s1", {"R@1": None})]
+        ),
+        TaskResult("b", [Row("fromage", "s2", {"R@1": 0.25, "MRR": 0.4})]),
+    ]
+    lines = summary_table(results).splitlines()
+    assert lines[0] == "| task | system | setting | R@1 | R@5 | R@10 | MRR |"
+    assert lines[2:] == [
+        "| a | fromage | s1 | 0.500 | 1.000 |  |  |",
+        "| b | fromage | s2 | 0.250 |  |  | 0.400 |",
+    ]

@@ -58,6 +58,17 @@ class TaskResult:
         )
 
 
+def summary_table(results: list[TaskResult], metrics: tuple[str, ...] = ("R@1", "R@5", "R@10", "MRR")) -> str:
+    """Every task's rows in one Markdown table (the per-task tables have every metric)."""
+    lines = [f"| task | system | setting | {' | '.join(metrics)} |", "|---|---|---|" + "---:|" * len(metrics)]
+    for result in results:
+        for r in result.rows:
+            if any(r.metrics.get(m) is not None for m in metrics):
+                cells = " | ".join("" if r.metrics.get(m) is None else _cell(r.metrics[m]) for m in metrics)
+                lines.append(f"| {result.task} | {r.system} | {r.setting} | {cells} |")
+    return "\n".join(lines)
+
+
 def _cell(value: float | None) -> str:
     if value is None:
         return "n/a"
