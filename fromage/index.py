@@ -183,7 +183,7 @@ class ImageIndex:
         checkpoint_digest: str | None = None,
         dim: int | None = None,
         verify_hashes: bool = True,
-        attempts: int = 20,
+        attempts: int = 30,
     ) -> ImageIndex:
         """Open an index, checking every file against the manifest first, then (when given)
         that it was built with this encoder, checkpoint and dimension.
@@ -198,13 +198,13 @@ class ImageIndex:
             try:
                 index = cls._load_once(directory, encoder_id, checkpoint_digest, dim, verify_hashes)
             except Exception:  # a torn read can fail anywhere (numpy, JSON, FAISS's reader)
-                if before is not None and _identity(directory) == before or attempt == attempts - 1:
-                    raise
+                if before is not None and _identity(directory) == before:
+                    raise  # nothing changed underneath: the fault is real
             else:
                 if before is not None and _identity(directory) == before:
                     return index
-            time.sleep(0.005 * (attempt + 1))
-        raise BadIndex(f"{directory}: kept changing while being read ({attempts} attempts)")
+            time.sleep(min(0.005 * 2**attempt, 0.25))
+        raise BadIndex(f"{directory}: replaced while being read, {attempts} times in a row")
 
     @classmethod
     def _load_once(
