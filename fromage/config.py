@@ -196,6 +196,10 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 on CUDA with bf16 support, else fp32), fp32 or bf16."""
     device: str = "auto"
+    num_processes: int = 1
+    """Data-parallel training processes on this machine (`fromage train --num-processes N`;
+    `accelerate launch` sets its own). `batch_size` and `retrieval_batch_size` are the global
+    batches, split evenly over the processes: the result matches one process (tested)."""
     eval_every: int = 0
     """Validate every N steps (0: only at the end)."""
     max_nonfinite_steps: int = 10
@@ -222,6 +226,7 @@ class TrainConfig:
             "grad_accum_steps",
             "refine_batch_size",
             "max_nonfinite_steps",
+            "num_processes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -229,6 +234,12 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.interleave_prob <= 1.0:
             raise ValueError(f"interleave_prob must be in [0, 1], got {self.interleave_prob}")
+        for name in ("batch_size", "retrieval_batch_size"):
+            if getattr(self, name) % self.num_processes:
+                raise ValueError(
+                    f"{name} {getattr(self, name)} does not split evenly over "
+                    f"num_processes {self.num_processes}"
+                )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

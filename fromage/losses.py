@@ -13,9 +13,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def caption_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(N, V+1) logits at labelled positions, (N,) target ids → mean cross-entropy."""
-    return F.cross_entropy(logits.float(), targets)
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor, count: float | None = None) -> torch.Tensor:
+    """(N, V+1) logits at labelled positions, (N,) target ids → mean cross-entropy.
+
+    `count` replaces N as the divisor: under data parallelism it is the number of labelled
+    positions over all processes, so the processes' losses (and gradients) sum to the mean
+    over the global batch.
+    """
+    total = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return total / (targets.numel() if count is None else count)
 
 
 def ret_token_loss(
@@ -23,20 +29,26 @@ def ret_token_loss(
     frozen_target_logit: torch.Tensor,
     ret_logit: torch.Tensor,
     target_is_ret: torch.Tensor,
+    count: float | None = None,
 ) -> torch.Tensor:
     """Cross-entropy over V+1 classes where only the `[RET]` logit carries gradient.
 
     All inputs are (N,): logsumexp of the frozen V logits, the frozen logit of the target (any
     value where the target is `[RET]`), the `[RET]` logit, and whether `[RET]` is the target.
+    `count` replaces N as the divisor (the global count under data parallelism).
     """
     lse = torch.logaddexp(frozen_lse.float(), ret_logit.float())
     target = torch.where(target_is_ret, ret_logit.float(), frozen_target_logit.float())
-    return (lse - target).mean()
+    return (lse - target).sum() / (target.numel() if count is None else count)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 across processes; gradients flow to the local shard only."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world_size() == 1:
         return x
     parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
@@ -55,8 +67,17 @@ def contrastive_loss(
 
     `groups` (B,) marks pairs that describe the same thing (equal ids): such off-diagonal pairs
     are not used as negatives (easy-VQA has 24 captions over thousands of images).
-    Returns (loss, (B, B) text→image logits). Under data parallelism both sides are gathered.
+    Returns (loss, (B, B) text→image logits).
+
+    Under data parallelism both sides are gathered and every process computes the same loss
+    over the global batch; its gradient reaches only the local shard's embeddings, so summing
+    gradients over processes gives exactly the single-process gradient. The temperature enters
+    every process's copy directly, so its gradient is divided by the number of processes.
     """
+    world = _world_size()
+    if world > 1:
+        # Same value; 1/world of the gradient (the processes' gradients are summed).
+        logit_scale = logit_scale / world + (logit_scale * (1 - 1 / world)).detach()
     text = gather_with_grad(text)
     image = gather_with_grad(image)
     if groups is not None:

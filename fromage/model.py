@@ -230,9 +230,16 @@ class FromageModel(nn.Module):
         k = self.config.num_visual_tokens
         return self.visual_map(self.standardize(features)).view(features.shape[0], k, -1)
 
-    def image_embeddings(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, F) image features → (N, R) unit vectors in the retrieval space."""
-        x = F.dropout(self.standardize(features), self.config.feature_dropout, self.training)
+    def image_embeddings(self, features: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, F) image features → (N, R) unit vectors in the retrieval space.
+
+        In training, feature dropout uses `keep` (N, F) booleans when given (the loop draws them
+        from its own generator, so that a batch split over processes drops the same features as
+        one process would), else torch's global generator."""
+        x = self.standardize(features)
+        p = self.config.feature_dropout
+        if self.training and p > 0:
+            x = F.dropout(x, p) if keep is None else x * keep / (1 - p)
         return F.normalize(self.image_ret_map(x), dim=-1)
 
     def text_embeddings(self, ret_hidden: torch.Tensor) -> torch.Tensor:

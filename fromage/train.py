@@ -38,8 +38,9 @@ from .data.dialogues import determining_dialogue, random_dialogue
 from .data.examples import Example
 from .data.readers import BadInputLog
 from .data.requests import request_forms
+from .distributed import Processes, init_processes
 from .losses import caption_loss, contrastive_loss, ret_token_loss
-from .model import FromageModel, TextPrefix
+from .model import IGNORE_INDEX, FromageModel, TextPrefix
 from .refine import refine_retrieval, ret_states
 from .validation import fill_states, validate
 
@@ -55,12 +56,8 @@ class TrainResult:
     peak_rss_mb: float
     samples_per_second: float
     bad_inputs: str
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    is_main: bool = True
+    """False in the other processes of a data-parallel run (they hold no final metrics)."""
 
 
 def use_bf16(config: TrainConfig, device: torch.device) -> bool:
@@ -190,44 +187,72 @@ def train_step(
     generator: torch.Generator,
     device: torch.device,
     scale: float = 1.0,
+    procs: Processes | None = None,
 ) -> dict[str, float]:
     """Both passes on one micro-batch; backward with `scale` (1 / accumulation steps).
-    caption_texts[j] is what the captioning pass reads for image caption_idx[j]."""
-    views = split.features.shape[0]
+    caption_texts[j] is what the captioning pass reads for image caption_idx[j].
 
-    def features(idx: list[int]) -> torch.Tensor:
-        view = torch.randint(0, views, (len(idx),), generator=generator)
-        return split.features[view, torch.tensor(idx)].to(device)
+    The indices are the global batch; with several processes each runs its contiguous shard.
+    Random draws are made for the whole global batch and then sharded, and the losses are
+    divided by global counts, so the processes' gradients sum to one process's gradient
+    (`Processes.sum_gradients`) and the returned values are the global batch's."""
+    procs = procs or Processes(0, 1, device)
+    views = split.features.shape[0]
+    cap_views = procs.shard(torch.randint(0, views, (len(caption_idx),), generator=generator).tolist())
+    ret_views = torch.tensor(
+        procs.shard(torch.randint(0, views, (len(retrieval_idx),), generator=generator).tolist())
+    )
+    p_drop = model.config.feature_dropout
+    keep = None
+    if p_drop > 0:  # (B, F) feature-dropout mask for the retrieval pass
+        keep = torch.rand(len(retrieval_idx), split.features.shape[2], generator=generator) >= p_drop
+        keep = keep[procs.shard(list(range(len(retrieval_idx))))].to(device)
+    caption_idx, caption_texts = procs.shard(caption_idx), procs.shard(caption_texts)
+    retrieval_idx = procs.shard(retrieval_idx)
 
     # (1) captioning pass: full backward through the LM into the visual tokens.
     batch = caption_batch(caption_texts, model.config.num_visual_tokens, special, interleave)
-    cap_feats = features([caption_idx[j] for j in batch.image_order])
+    rows = torch.tensor([caption_idx[j] for j in batch.image_order])
+    cap_feats = split.features[torch.tensor([cap_views[j] for j in batch.image_order]), rows].to(device)
+    # (2) retrieval pass: the prefix runs without autograd; only [RET] carries gradients.
+    ret_prefix = prefixes.select(text_of_example[torch.tensor(retrieval_idx)])
+    # Loss divisors: labelled caption positions and retrieval-pass positions, all processes.
+    counts = procs.sum(
+        torch.tensor(
+            [(batch.labels[:, 1:] != IGNORE_INDEX).sum(), ret_prefix.mask.sum()], dtype=torch.float64
+        )
+    ).tolist()
+
     logits, targets = model.caption_forward(
         batch.input_ids.to(device), batch.attention_mask.to(device), cap_feats, batch.labels.to(device)
     )
-    loss_cap = caption_loss(logits, targets)
-
-    # (2) retrieval pass: the prefix runs without autograd; only [RET] carries gradients.
-    ret = model.retrieval_from_prefix(prefixes.select(text_of_example[torch.tensor(retrieval_idx)]))
-    loss_ret_lm = ret_token_loss(ret.frozen_lse, ret.frozen_target_logit, ret.ret_logit, ret.target_is_ret)
+    loss_cap = caption_loss(logits, targets, counts[0])
+    ret = model.retrieval_from_prefix(ret_prefix)
+    loss_ret_lm = ret_token_loss(
+        ret.frozen_lse, ret.frozen_target_logit, ret.ret_logit, ret.target_is_ret, counts[1]
+    )
     text_emb = model.text_embeddings(ret.ret_hidden)
-    image_emb = model.image_embeddings(features(retrieval_idx))
+    image_emb = model.image_embeddings(
+        split.features[ret_views, torch.tensor(retrieval_idx)].to(device), keep
+    )
     groups = group_ids[torch.tensor(retrieval_idx)].to(device)
     loss_con, con_logits = contrastive_loss(text_emb, image_emb, model.logit_scale, groups)
 
-    total = (
-        config.caption_loss_weight * loss_cap
-        + config.retrieval_lm_loss_weight * loss_ret_lm
-        + config.contrastive_loss_weight * loss_con
-    )
+    weights = (config.caption_loss_weight, config.retrieval_lm_loss_weight, config.contrastive_loss_weight)
+    total = weights[0] * loss_cap + weights[1] * loss_ret_lm + weights[2] * loss_con
     (total * scale).backward()
+    # The captioning and LM parts are this shard's share of the global mean; the contrastive
+    # loss is computed over the gathered global batch by every process.
+    cap, ret_lm = procs.sum(torch.stack([loss_cap.detach(), loss_ret_lm.detach()])).tolist()
+    con = float(loss_con.detach())
+    global_batch = con_logits.shape[0]
     return {
-        "loss": float(total.detach()),
-        "caption_loss": float(loss_cap.detach()),
-        "ret_lm_loss": float(loss_ret_lm.detach()),
-        "contrastive_loss": float(loss_con.detach()),
+        "loss": weights[0] * cap + weights[1] * ret_lm + weights[2] * con,
+        "caption_loss": cap,
+        "ret_lm_loss": ret_lm,
+        "contrastive_loss": con,
         "contrastive_acc": float(
-            (con_logits.argmax(1) == torch.arange(len(retrieval_idx), device=device)).float().mean()
+            (con_logits.argmax(1) == torch.arange(global_batch, device=con_logits.device)).float().mean()
         ),
     }
 
@@ -239,7 +264,13 @@ def train(config: TrainConfig) -> TrainResult:
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    device = pick_device(config.device)
+    # Every process runs the same code on the same seeds and the whole global batch's random
+    # draws; only the forward/backward work is split (train_step). The main process alone
+    # writes files, validates and refines.
+    procs = init_processes(config.device)
+    device = procs.device
+    if not procs.is_main:
+        logging.getLogger("fromage").setLevel(logging.WARNING)
     bf16 = use_bf16(config, device)
     if bf16:
         config.model.lm.dtype = "bfloat16"
@@ -250,12 +281,17 @@ def train(config: TrainConfig) -> TrainResult:
 
     bad = BadInputLog()
     train_examples, val_examples = build_examples(config.data, bad)
+    # The main process fills the feature cache; the others then read it.
+    if not procs.is_main:
+        procs.barrier()
     split = extract_features(
         train_examples, encoder, bad, views=config.data.augment_views, desc="train features"
     )
     val_splits = {
         name: extract_features(ex, encoder, bad, desc=f"{name} features") for name, ex in val_examples.items()
     }
+    if procs.is_main:
+        procs.barrier()
     seen = len(train_examples) + sum(len(v) for v in val_examples.values())
     bad.check(seen, config.data.max_bad_fraction)
     log.info("data: %d training examples; %s", len(split), bad.summary())
@@ -310,17 +346,27 @@ def train(config: TrainConfig) -> TrainResult:
     step = 0
 
     state_dir = out_dir / "train_state"
-    _remove_stale_temporaries(out_dir)
+    if procs.is_main:
+        _remove_stale_temporaries(out_dir)
+    procs.barrier()
     if config.resume and (state_dir / "state.pt").exists():
+        # The state is the same for any number of processes (samplers and draws are global).
         step = _load_state(state_dir, model, optimizer, caption_sampler, retrieval_sampler, generator)
         log.info("resumed from step %d", step)
-    save_json(config, out_dir / "train_config.json")
+    if procs.is_main:
+        save_json(config, out_dir / "train_config.json")
 
-    log.info("trainable parameters: %d (%.2f M)", n_trainable, n_trainable / 1e6)
-    metrics_file = open(out_dir / "metrics.jsonl", "a")
-    writer = _tensorboard(out_dir)
+    log.info(
+        "trainable parameters: %d (%.2f M); %d process(es)", n_trainable, n_trainable / 1e6, procs.world_size
+    )
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if procs.is_main else None
+    writer = _tensorboard(out_dir) if procs.is_main else None
     bar = tqdm(
-        total=None if config.max_minutes else config.max_steps, initial=step, desc="train", unit="step"
+        total=None if config.max_minutes else config.max_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not procs.is_main,
     )
     samples = 0
     loop_start = time.time()
@@ -339,13 +385,15 @@ def train(config: TrainConfig) -> TrainResult:
         if config.stop_at_step and step >= config.stop_at_step:
             break
         if budget_s:
-            time_progress = (time.time() - loop_start) / max(budget_s, 1e-9)
+            # The main process's clock decides for all, so every process stops at the same step.
+            mine = (time.time() - loop_start) / max(budget_s, 1e-9) if procs.is_main else 0.0
+            time_progress = float(procs.sum(torch.tensor([mine], dtype=torch.float64)))
             if time_progress >= 1.0:
                 log.info("time budget of %.1f min reached at step %d", config.max_minutes, step)
                 break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config, time_progress)
-        interleave = random.random() < config.interleave_prob
+        interleave = bool(torch.rand((), generator=generator) < config.interleave_prob)
         optimizer.zero_grad(set_to_none=True)
         parts = []
         for _ in range(config.grad_accum_steps):
@@ -369,8 +417,10 @@ def train(config: TrainConfig) -> TrainResult:
                         generator,
                         device,
                         1.0 / config.grad_accum_steps,
+                        procs,
                     )
                 )
+        procs.sum_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         if not (math.isfinite(float(grad_norm)) and all(math.isfinite(p["loss"]) for p in parts)):
             # A NaN/inf loss or gradient: the update is dropped, counted, and the run stops
@@ -404,6 +454,8 @@ def train(config: TrainConfig) -> TrainResult:
         rate = samples / max(time.time() - loop_start, 1e-9)
         bar.set_postfix(loss=f"{last['loss']:.3f}", samples_s=f"{rate:.1f}")
         bar.update(1)
+        if metrics_file is None:
+            continue  # the other processes only train
         if step % config.log_every == 0 or step == config.max_steps:
             _log(metrics_file, writer, step, {**last, "samples_per_s": rate})
         if config.eval_every and step % config.eval_every == 0 and step < config.max_steps:
@@ -418,7 +470,14 @@ def train(config: TrainConfig) -> TrainResult:
     bar.close()
     rate = samples / max(time.time() - loop_start, 1e-9)
     # The resumable state is the joint loop's; refinement below only rewrites the checkpoint.
-    _save(out_dir, model, optimizer, caption_sampler, retrieval_sampler, generator, step, config)
+    if procs.is_main:
+        _save(out_dir, model, optimizer, caption_sampler, retrieval_sampler, generator, step, config)
+    procs.barrier()
+    procs.close()  # what follows runs in the main process alone
+    if metrics_file is None:
+        return TrainResult(
+            step, out_dir / "checkpoint", {}, n_trainable, peak_rss_mb(), rate, bad.summary(), is_main=False
+        )
     # [RET] is final now: its state per training caption is fixed, so the retrieval maps get
     # many cheap steps on cached states (refine.py), and validation reuses the same states.
     states = ret_states(model, prefixes)
