@@ -86,8 +86,10 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     load_encoder: bool = True,
+    lm_quantization: str | None = None,
 ) -> FromageModel:
-    """Rebuild the model a checkpoint was trained with; frozen weights come from their source."""
+    """Rebuild the model a checkpoint was trained with; frozen weights come from their source.
+    `lm_quantization` (8bit / 4bit, CUDA + bitsandbytes) loads the frozen LM quantized."""
     from .backbones import load_encoder as _load_encoder
     from .backbones import load_lm
 
@@ -96,6 +98,9 @@ def load_model(
         config.lm.dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
             dtype
         ]
+    if lm_quantization is not None:
+        config.lm.quantization = lm_quantization
+        config.lm.__post_init__()
     lm, _ = load_lm(config.lm, device=device)
     encoder = _load_encoder(config.encoder, device=device) if load_encoder else None
     model = FromageModel(config, lm, encoder, feature_dim=config.feature_dim)

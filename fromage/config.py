@@ -31,9 +31,13 @@ class LMConfig:
     """`smollm2-135m` (embedded, offline), a Hugging Face model id or a local directory."""
     dtype: str = "float32"
     """Weights dtype of the frozen LM: float32, bfloat16 or float16."""
+    quantization: str = "none"
+    """none, 8bit or 4bit (NF4): load the frozen LM's linear layers quantized with bitsandbytes
+    (needs a CUDA GPU and `pip install bitsandbytes`); for inference with large LMs."""
 
     def __post_init__(self) -> None:
         _check_choice("lm.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_choice("lm.quantization", self.quantization, ("none", "8bit", "4bit"))
 
 
 @dataclass
@@ -200,6 +204,9 @@ class TrainConfig:
     """Data-parallel training processes on this machine (`fromage train --num-processes N`;
     `accelerate launch` sets its own). `batch_size` and `retrieval_batch_size` are the global
     batches, split evenly over the processes: the result matches one process (tested)."""
+    shard_lm: bool = False
+    """With several processes, shard the frozen LM's decoder blocks over them (FSDP2): each
+    process holds 1/N of the LM's weights (for LMs too big to replicate). Needs eval_every 0."""
     eval_every: int = 0
     """Validate every N steps (0: only at the end)."""
     max_nonfinite_steps: int = 10
@@ -234,6 +241,11 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.interleave_prob <= 1.0:
             raise ValueError(f"interleave_prob must be in [0, 1], got {self.interleave_prob}")
+        if self.shard_lm and self.eval_every:
+            raise ValueError(
+                f"shard_lm needs eval_every 0 (got {self.eval_every}): validation runs in one "
+                "process, and a sharded LM runs only in all of them together"
+            )
         for name in ("batch_size", "retrieval_batch_size"):
             if getattr(self, name) % self.num_processes:
                 raise ValueError(

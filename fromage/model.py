@@ -404,10 +404,13 @@ class FromageModel(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         load_encoder: bool = True,
+        lm_quantization: str | None = None,
     ) -> FromageModel:
         from .checkpoint import load_model
 
-        return load_model(directory, device=device, dtype=dtype, load_encoder=load_encoder)
+        return load_model(
+            directory, device=device, dtype=dtype, load_encoder=load_encoder, lm_quantization=lm_quantization
+        )
 
 
 def _check_dim(config: ModelConfig, name: str, actual: int) -> None:

@@ -329,6 +329,10 @@ def train(config: TrainConfig) -> TrainResult:
     )
 
     model = FromageModel(config.model, lm, encoder).to(device)
+    if config.shard_lm and procs.distributed:
+        log.info(
+            "frozen LM: %d decoder blocks sharded over %d processes", lm.shard_layers(), procs.world_size
+        )
     model.set_feature_stats(split.features[0])
     # Captions repeat (easy-VQA has 24): the frozen prefix is computed once per distinct text.
     text_index: dict[tuple[int, ...], int] = {}
@@ -473,7 +477,10 @@ def train(config: TrainConfig) -> TrainResult:
     if procs.is_main:
         _save(out_dir, model, optimizer, caption_sampler, retrieval_sampler, generator, step, config)
     procs.barrier()
+    sharded = config.shard_lm and procs.distributed
     procs.close()  # what follows runs in the main process alone
+    if metrics_file is not None and sharded:
+        model = _unsharded(model, config, device)
     if metrics_file is None:
         return TrainResult(
             step, out_dir / "checkpoint", {}, n_trainable, peak_rss_mb(), rate, bad.summary(), is_main=False
@@ -547,6 +554,17 @@ def train(config: TrainConfig) -> TrainResult:
         (json.dumps({**summary, "bad_input_kinds": dict(bad.counts)}, indent=2) + "\n").encode(),
     )
     return TrainResult(step, out_dir / "checkpoint", final, n_trainable, peak_rss_mb(), rate, bad.summary())
+
+
+def _unsharded(model: FromageModel, config: TrainConfig, device: torch.device) -> FromageModel:
+    """The trained model on a whole (unsharded) copy of the frozen LM, for the single-process
+    refinement and validation after a sharded run."""
+    # Building modules draws random initial weights; the draws after this must not move.
+    with torch.random.fork_rng(devices=[]):
+        lm, _ = load_lm(config.model.lm, device=device)
+        whole = FromageModel(config.model, lm, model.encoder).to(device)
+    whole.load_trained_state_dict(model.trained_state_dict())
+    return whole.train()
 
 
 def _validate_all(

@@ -115,3 +115,23 @@ def _shard_gradients(directory: str) -> None:
         Path(directory) / f"grads{procs.rank}.pt",
     )
     procs.close()
+
+
+@pytest.mark.slow
+def test_sharded_frozen_lm_matches_one_process(tiny_world, tmp_path):  # noqa: F811
+    """FSDP2-sharded decoder blocks (each process holds half the LM) give the same run, and
+    the main process refines and validates on a whole copy afterwards."""
+    one = tmp_path / "one"
+    train(_config(tiny_world, one, refine_steps=5))
+    two = tmp_path / "two"
+    launch(train, (_config(tiny_world, two, refine_steps=5, num_processes=2, shard_lm=True),), 2)
+    for a, b in zip(_steps(one), _steps(two), strict=True):
+        for key in ("loss", "caption_loss", "ret_lm_loss", "contrastive_loss"):
+            assert abs(a[key] - b[key]) < 1e-4, (a["step"], key, a[key], b[key])
+    for name, tensor in _tensors(one).items():
+        torch.testing.assert_close(_tensors(two)[name], tensor, atol=1e-4, rtol=1e-4)
+
+
+def test_sharding_needs_mid_run_validation_off(tiny_world, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="shard_lm needs eval_every 0"):
+        _config(tiny_world, tmp_path, shard_lm=True, eval_every=2).__post_init__()

@@ -79,9 +79,43 @@ def load_lm(config: LMConfig, device: str | torch.device = "cpu") -> tuple[Froze
 
     source = str(embedded_lm_dir()) if config.name == EMBEDDED_LM else config.name
     dtype = _DTYPES[config.dtype]
+    if config.quantization != "none":
+        # Checked before anything loads. Quantized weights are placed by bitsandbytes and
+        # cannot be moved afterwards.
+        target = torch.device(device)
+        quantization = quantization_config(config.quantization, dtype, target)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, quantization_config=quantization, device_map={"": target.index or 0}
+        )
+        return FrozenLM(quantized), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     return FrozenLM(model.to(device)), tokenizer
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype, device: torch.device) -> Any:
+    """transformers' `BitsAndBytesConfig` for `kind` (8bit, or 4bit NF4 computing in
+    `compute_dtype`); explains what is missing where bitsandbytes cannot run."""
+    from transformers import BitsAndBytesConfig
+
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(
+            f"lm.quantization={kind} needs a CUDA device (bitsandbytes kernels); got device {device} "
+            f"with CUDA {'available' if torch.cuda.is_available() else 'unavailable'}"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"lm.quantization={kind} needs bitsandbytes: pip install bitsandbytes") from exc
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if kind == "4bit":
+        compute = compute_dtype if compute_dtype != torch.float32 else torch.bfloat16
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        )
+    raise ValueError(f"lm.quantization must be none, 8bit or 4bit; got {kind!r}")
 
 
 def load_tokenizer(config: LMConfig) -> Any:

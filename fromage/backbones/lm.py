@@ -80,6 +80,26 @@ class FrozenLM(nn.Module):
         super().train(False)
         return self
 
+    def decoder_layers(self) -> nn.ModuleList:
+        """The stack of decoder blocks, whatever the architecture calls it."""
+        for module in self.base.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == self.num_layers:
+                return module
+        raise ValueError(f"{type(self.model).__name__}: no list of {self.num_layers} decoder layers found")
+
+    def shard_layers(self) -> int:
+        """Shard every decoder block's frozen weights over the initialised process group
+        (PyTorch FSDP2 `fully_shard`): each process keeps 1/N of them and gathers one block's
+        weights only for its forward and backward. Embeddings and head stay whole (FROMAGe
+        reads them directly). Every process must then run the same LM calls. Returns the
+        number of blocks sharded."""
+        from torch.distributed.fsdp import fully_shard
+
+        layers = self.decoder_layers()
+        for layer in layers:
+            fully_shard(layer)
+        return len(layers)
+
     @property
     def embedding_weight(self) -> torch.Tensor:
         return self.embeddings.weight
