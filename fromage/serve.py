@@ -16,10 +16,12 @@ company).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import json
+import mimetypes
 import queue
 import threading
 import time
@@ -32,11 +34,12 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .data.shards import read_member, split_tar_ref
 from .images import ImageError, load_image
 from .pipeline import Fromage, PromptItem, RetrievedImage
 
@@ -54,6 +57,11 @@ class ServeConfig:
     allowed_image_hosts: tuple[str, ...] = ()
     """Hosts whose http(s) image URLs are fetched; any other remote URL is refused."""
     fetch_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    """A client that has not sent its whole request body after this long gets a 408 and its
+    connection is closed (slow clients cannot hold a worker forever)."""
+    max_connections: int = 256
+    """Concurrent connections `serve` accepts; more get a 503 at once instead of queueing."""
     batch_size: int = 16
     """Most retrieve/caption requests run together; 1 = one at a time."""
     batch_wait_ms: float = 5.0
@@ -139,7 +147,11 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
         lambda jobs: _caption_jobs(bot, jobs), lock, config.batch_size, config.batch_wait_ms
     )
     app.state.batchers = {"retrieve": retrieve_queue, "caption": caption_queue}
-    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(
+        _BodyLimit,  # type: ignore[arg-type]
+        limit=config.max_body_bytes,
+        timeout_s=config.body_timeout_s,
+    )
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -225,11 +237,24 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": config.model_id, "object": "model", "owned_by": "fromage"}]}
 
-    @app.get("/v1/images/{image_id}")
-    def image(image_id: int) -> FileResponse:
+    @app.get("/v1/images/{image_id}", response_model=None)
+    def image(image_id: int) -> FileResponse | Response:
         if bot.index is None or not 0 <= image_id < len(bot.index):
             raise ApiError(404, f"no image {image_id} in the index", "not_found")
-        return FileResponse(bot.index.metadata[image_id]["path"])
+        path = bot.index.metadata[image_id]["path"]
+        member = split_tar_ref(path)
+        if member is None:
+            if not Path(path).is_file():
+                raise ApiError(404, f"image {image_id} is in the index but its file is gone", "not_found")
+            return FileResponse(path)
+        # An image inside a webdataset shard (`shard.tar#key.jpg`): its bytes, typed by suffix.
+        try:
+            data = read_member(*member)
+        except OSError as exc:
+            raise ApiError(
+                404, f"image {image_id} is in the index but unreadable ({exc})", "not_found"
+            ) from None
+        return Response(data, media_type=mimetypes.guess_type(member[1])[0] or "application/octet-stream")
 
     @app.post("/v1/retrieve")
     def retrieve(body: RetrieveRequest) -> dict[str, Any]:
@@ -452,10 +477,12 @@ def _decode_data_url(url: str, max_pixels: int) -> Image.Image:
 
 
 class _BodyLimit:
-    """ASGI middleware: refuse request bodies over `limit` bytes (declared or streamed) with 413."""
+    """ASGI middleware: the request body is read here first, whole, so that bodies over `limit`
+    bytes (declared or streamed) get a 413 and bodies still incomplete `timeout_s` after the
+    request began get a 408, before any route runs. The limit bounds what is buffered."""
 
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, timeout_s: float = 30.0):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -465,18 +492,37 @@ class _BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await _send_json(send, 413, f"request body is {int(declared)} bytes, limit {self.limit}")
             return
+        chunks: list[bytes] = []
         seen = 0
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                why = f"request body not complete after {self.timeout_s:g} s ({seen} bytes received)"
+                await _send_json(send, 408, why)
+                return
+            if message["type"] == "http.disconnect":
+                return  # the client went away; nobody to answer
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                await _send_json(send, 413, f"request body is over the limit of {self.limit} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
 
-        async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise ApiError(413, f"request body is over the limit of {self.limit} bytes")
-            return message
+        async def replay() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later messages: the disconnect a streaming response waits for
 
-        await self.app(scope, limited, send)
+        await self.app(scope, replay, send)
 
 
 async def _send_json(send: Any, status: int, message: str) -> None:
@@ -501,4 +547,11 @@ def serve(
     import uvicorn
 
     bot = Fromage.from_pretrained(checkpoint, index=index)
-    uvicorn.run(create_app(bot, config), host=host, port=port, log_level="info")
+    config = config or ServeConfig()
+    uvicorn.run(
+        create_app(bot, config),
+        host=host,
+        port=port,
+        log_level="info",
+        limit_concurrency=config.max_connections,
+    )
