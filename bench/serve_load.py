@@ -8,6 +8,10 @@ Each time, `--clients` concurrent clients send requests back to back for `--seco
 three in four are `/v1/retrieve` with a request for a random emoji, one in four a short
 `/v1/chat/completions` (8 tokens). Reports requests/s, p50/p95 latency per route, 5xx count
 and failed connections, and the batched / one-at-a-time throughput ratio.
+
+Memory (issue #7): the resident set of this process (server + clients) is sampled every
+0.25 s; each configuration reports it at the start, its peak in the first and second half of
+the load, and at the end. Bounded memory means the second half's peak does not keep climbing.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import resource
 import socket
 import statistics
 import threading
@@ -70,6 +75,38 @@ async def run_clients(port: int, clients: int, seconds: float, names: list[str])
     return {"wall": wall, "done": done, "5xx": status_5xx, "failed": failed, "latencies": latencies}
 
 
+def rss_mb() -> float:
+    """Current resident set of this process (Linux /proc)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, every_s: float = 0.25):
+        super().__init__(daemon=True)
+        self.every_s, self.samples, self.stop = every_s, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.samples.append((time.monotonic(), rss_mb()))
+            self.stop.wait(self.every_s)
+
+    def summary(self) -> dict:
+        times = [t for t, _ in self.samples]
+        middle = (times[0] + times[-1]) / 2
+        first = [v for t, v in self.samples if t <= middle]
+        second = [v for t, v in self.samples if t > middle] or first
+        return {
+            "start": self.samples[0][1],
+            "peak_first_half": max(first),
+            "peak_second_half": max(second),
+            "end": self.samples[-1][1],
+        }
+
+
 def serve_and_load(bot: Fromage, batch: int, clients: int, seconds: float, names: list[str]) -> dict:
     port = free_port()
     app = create_app(bot, ServeConfig(batch_size=batch))
@@ -78,12 +115,17 @@ def serve_and_load(bot: Fromage, batch: int, clients: int, seconds: float, names
     thread.start()
     while not server.started:
         time.sleep(0.05)
+    sampler = RssSampler()
+    sampler.start()
     try:
         result = asyncio.run(run_clients(port, clients, seconds, names))
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        sampler.stop.set()
+        sampler.join()
     result["batches"] = app.state.batchers["retrieve"].batches
+    result["rss"] = sampler.summary()
     return result
 
 
@@ -97,6 +139,11 @@ def report(label: str, r: dict) -> float:
                 f"{route} n={len(values)} p50 {statistics.median(values) * 1000:.0f} ms p95 {cuts[18] * 1000:.0f} ms"
             )
     parts.append(f"5xx {r['5xx']}, failed connections {r['failed']}, retrieve batches {r['batches']}")
+    m = r["rss"]
+    parts.append(
+        f"RSS MB start {m['start']:.0f}, peak first half {m['peak_first_half']:.0f}, "
+        f"peak second half {m['peak_second_half']:.0f}, end {m['end']:.0f}"
+    )
     print("; ".join(parts), flush=True)
     return rps
 
@@ -116,6 +163,9 @@ def main() -> None:
     batched = report("batched (16)", serve_and_load(bot, 16, args.clients, args.seconds, names))
     single = report("one at a time", serve_and_load(bot, 1, args.clients, args.seconds, names))
     print(f"throughput, batched / one at a time: {batched / single:.2f}x")
+    print(
+        f"peak RSS of the whole run (ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -34,18 +35,29 @@ def _split_overrides(extra: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .train import train
-
     config = load_json(TrainConfig, args.config) if args.config else TrainConfig()
     config = apply_overrides(config, _split_overrides(extra))
+    if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch
+
+        launch(_train_and_report, (config,), config.num_processes)
+    else:  # one process, or one of the processes `accelerate launch` / torchrun started
+        _train_and_report(config)
+    return 0
+
+
+def _train_and_report(config: TrainConfig) -> None:
+    from .train import train
+
     result = train(config)
+    if not result.is_main:
+        return  # the main process reports
     print(f"checkpoint: {result.checkpoint}")
     print(f"steps: {result.step}  samples/s: {result.samples_per_second:.1f}")
     print(f"trainable parameters: {result.trainable_parameters:,}")
     print(f"peak resident memory: {result.peak_rss_mb:.0f} MB")
     print(f"data: {result.bad_inputs}")
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
-    return 0
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -74,7 +86,38 @@ def cmd_index(args: argparse.Namespace) -> int:
     )
     print(f"index: {report.directory} ({report.total} images; type {args.index_type})")
     print(f"added {report.added}, already indexed {report.skipped}; {report.bad}")
+    if report.recall is not None:  # approximate indexes measure what they trade for speed
+        r = report.recall
+        print(f"recall@{r['k']:g} vs exact search: {r['recall']:.3f} ({r['queries']:g} rows as queries)")
     print(f"{report.seconds:.1f} s, {report.images_per_second:.1f} images/s")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    """Run the frozen image encoder over a collection into the shared feature cache."""
+    from .config import EncoderConfig
+    from .featurize import encoder_of_checkpoint, extract_collection
+
+    if args.encoder:
+        encoder = EncoderConfig(name=args.encoder, image_size=args.image_size or 224)
+    else:
+        encoder = encoder_of_checkpoint(args.checkpoint)  # default: the shipped model
+        if args.image_size:
+            encoder = EncoderConfig(name=encoder.name, image_size=args.image_size)
+    report = extract_collection(
+        args.source,
+        encoder,
+        num_processes=args.num_processes,
+        batch_size=args.batch_size,
+        views=args.views,
+        image_dir=args.image_dir,
+        max_bad_fraction=args.max_bad_fraction,
+        device=args.device,
+    )
+    print(f"features: {report.cache_dir} (encoder {report.encoder_id}; workers: {report.processes})")
+    print(f"images {report.images}; (image, view) features encoded {report.encoded}, cached {report.cached}")
+    print(f"bad inputs: {report.bad.summary()}")
+    print(f"{report.seconds:.1f} s, {report.images_per_second:.1f} images/s encoded")
     return 0
 
 
@@ -244,16 +287,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "index",
         help="embed an image collection for retrieval (re-runs add only new images)",
-        description="SOURCE: a folder of images, a .tsv (caption<TAB>image) or .jsonl file, or a "
-        "built-in set: emoji-google, emoji-twitter, easyvqa-train, easyvqa-test.",
+        description="SOURCE: a folder of images, a .tsv (caption<TAB>image) or .jsonl file, "
+        "webdataset tar shards (data/{00000..00099}.tar), or a built-in set: emoji-google, "
+        "emoji-twitter, easyvqa-train, easyvqa-test.",
     )
     p.add_argument("source")
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + model.safetensors)")
     p.add_argument("--out", required=True, help="index directory to create or grow")
-    p.add_argument("--index-type", default="auto", choices=["auto", "flat", "hnsw", "ivf"])
+    p.add_argument(
+        "--index-type",
+        default="auto",
+        choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
+        help="auto: flat up to 100k images, hnsw up to 1M, ivfpq above (docs/scale.md)",
+    )
     p.add_argument("--image-dir", default=None, help="where relative image paths of a TSV/JSONL resolve")
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
     p.add_argument("--device", default="cpu")
+    p = sub.add_parser(
+        "features",
+        help="encode a collection's images once into the feature cache that train and index read",
+        description="SOURCE: webdataset tar shards (data/{00000..00099}.tar or data/*.tar), a folder "
+        "of images, a .tsv/.jsonl file, or a built-in set (as for `fromage index`). Worker r of "
+        "--num-processes N takes shards (or images) r::N; each writes its own cache shards.",
+    )
+    p.add_argument("source")
+    p.add_argument("--checkpoint", default=None, help="use its encoder (default: the shipped model)")
+    p.add_argument("--encoder", default=None, help="or an encoder name: efficientnet-lite0, an HF model")
+    p.add_argument("--image-size", type=int, default=0, help="encoder input side (default: the checkpoint's)")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--views", type=int, default=0, help="augmented views too (training's data.augment_views)")
+    p.add_argument("--image-dir", default=None, help="where relative image paths of a TSV/JSONL resolve")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01)
+    p.add_argument("--device", default="cpu", help="cpu, cuda (workers spread over GPUs), cuda:N")
     p = sub.add_parser("retrieve", help="text and/or images + [RET] → the best images of an index")
     p.add_argument("text", nargs="?", default="", help="the text part of the prompt")
     p.add_argument("--image", action="append", default=[], help="an image for the prompt (repeatable)")
@@ -345,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "fetch": cmd_fetch,
         "index": cmd_index,
+        "features": cmd_features,
         "retrieve": cmd_retrieve,
         "caption": cmd_caption,
         "chat": cmd_chat,

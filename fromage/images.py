@@ -2,15 +2,19 @@
 
 Transparent images are composited on white (emoji are drawn on transparency; on black their
 features match across styles far worse). Decoding errors become `ImageError` naming the file.
+A path may also name an image inside a webdataset tar shard, `shard.tar#member` (data/shards.py).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import TypeAlias
 
 from PIL import Image, UnidentifiedImageError
+
+from .data.shards import read_member, split_tar_ref
 
 ImageLike: TypeAlias = str | os.PathLike | Image.Image
 
@@ -41,14 +45,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(source: ImageLike) -> Image.Image:
-    """Decode a path (or pass a PIL image through) as RGB; raise `ImageError` naming the file."""
+    """Decode a path or tar reference (or pass a PIL image through) as RGB; raise `ImageError`
+    naming the file."""
     if isinstance(source, Image.Image):
         if source.width * source.height > MAX_PIXELS:
             raise ImageError(f"image has {source.width * source.height} pixels, limit {MAX_PIXELS}")
         return to_rgb(source)
     path = Path(source)
+    member = split_tar_ref(source)
     try:
-        with Image.open(path) as image:
+        # A shard member is read whole (images are small); a plain file is opened lazily.
+        with Image.open(io.BytesIO(read_member(*member)) if member else path) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise ImageError(
                     f"{path}: {image.width}x{image.height} = {image.width * image.height} pixels, "
@@ -59,8 +66,8 @@ def load_image(source: ImageLike) -> Image.Image:
             return to_rgb(image)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+    except FileNotFoundError as exc:
+        raise ImageError(f"{path}: no such file" if member is None else str(exc)) from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a directory, not an image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

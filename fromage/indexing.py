@@ -1,10 +1,11 @@
 """`fromage index`: embed an image collection into a model's retrieval space (index.py).
 
 Sources: a folder tree of images, the published TSV (`caption<TAB>image`), JSONL
-(`{"image", "caption"}`), or a built-in set (`emoji-google`, `emoji-twitter`, `easyvqa-train`,
-`easyvqa-test`). Images whose content digest is already in the index are skipped, so re-running
-on a grown collection only embeds what is new. Frozen features go through the shared feature
-cache (parallel decoding, batched encoding, progress bar).
+(`{"image", "caption"}`), webdataset tar shards (`data/{00000..00099}.tar`), or a built-in set
+(`emoji-google`, `emoji-twitter`, `easyvqa-train`, `easyvqa-test`). Images whose content digest
+is already in the index are skipped, so re-running on a grown collection only embeds what is new.
+Frozen features go through the shared feature cache (parallel decoding, batched encoding,
+progress bar).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .data.builtin import easyvqa_examples, emoji_examples
 from .data.digest import file_digest
 from .data.examples import Example
 from .data.readers import BadInputLog, read_collection
+from .data.shards import is_shard_source, read_shards
 from .index import BadIndex, ImageIndex
 
 if TYPE_CHECKING:
@@ -39,6 +41,8 @@ class IndexReport:
     skipped: int
     bad: str
     seconds: float
+    recall: dict[str, float] | None = None
+    """Recall@k of an approximate index against exact search (index.Manifest.recall)."""
 
     @property
     def images_per_second(self) -> float:
@@ -56,10 +60,13 @@ def list_source(source: str, image_dir: str | None, bad: BadInputLog) -> list[Ex
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         return [Example(str(p), "", "folder") for p in files]
+    if is_shard_source(source):  # webdataset shards: `data/{00000..00099}.tar`, `data/*.tar`
+        return read_shards(source, bad)
     if path.is_file():
         return read_collection(path, image_dir, bad)
     raise FileNotFoundError(
-        f"index source {source!r} is not a folder, a .tsv/.jsonl file, or one of {', '.join(BUILTIN)}"
+        f"index source {source!r} is not a folder, a .tsv/.jsonl file, .tar shards, or one of "
+        f"{', '.join(BUILTIN)}"
     )
 
 
@@ -142,7 +149,13 @@ def index_collection(
         raise ValueError(f"index source {source!r} holds no readable image")
     assert index is not None
     return IndexReport(
-        out_dir, len(index), added, len(examples) - len(todo), bad.summary(), time.time() - start
+        out_dir,
+        len(index),
+        added,
+        len(examples) - len(todo),
+        bad.summary(),
+        time.time() - start,
+        index.manifest.recall,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from .builtin import easyvqa_examples, emoji_examples
 from .examples import Example
 from .features import FeatureCache, file_digest
 from .readers import BadInputLog, read_collection
+from .shards import holdout_key, is_shard_source, read_shards, shard_set_name
 
 
 @dataclass
@@ -48,6 +49,15 @@ def build_examples(config: DataConfig, bad: BadInputLog) -> tuple[list[Example],
         elif source == "easyvqa":
             train += easyvqa_examples("train", config.easyvqa_per_class)
             val["easyvqa-test"] = easyvqa_examples("test", 4)
+        elif is_shard_source(source):
+            # Webdataset shards (data/shards.py): the same stable 1% (at most 500) holdout,
+            # hashed on shard file name + member so it does not depend on where shards live.
+            rows = read_shards(source, bad)
+            held = [r for r in rows if _bucket(holdout_key(r)) < 100][:500]
+            held_set = {id(r) for r in held}
+            train += [r for r in rows if id(r) not in held_set]
+            if held:
+                val[shard_set_name(source)] = held
         else:
             path = Path(source)
             if not path.exists():
@@ -69,7 +79,21 @@ def _bucket(key: str) -> int:
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 10_000
 
 
-def extract_features(
+@dataclass
+class CacheFill:
+    """What `fill_cache` did: which examples are usable and how many features it computed."""
+
+    kept: list[int]
+    """Indices of the examples whose image was read and decoded, in order."""
+    keys: list[list[str]]
+    """keys[v][j]: the cache key of view v of `examples[kept[j]]`."""
+    encoded: int
+    """(image, view) features computed and written by this call."""
+    cached: int
+    """(image, view) features that were in the cache already."""
+
+
+def fill_cache(
     examples: Sequence[Example],
     encoder: FrozenImageEncoder,
     bad: BadInputLog,
@@ -77,10 +101,13 @@ def extract_features(
     cache: FeatureCache | None = None,
     desc: str = "features",
     batch_size: int = 8,
-) -> Split:
-    """Encode each example's image (plus `views` augmented renderings) once, through the cache.
-    Unreadable images are counted in `bad` and dropped from the returned split."""
-    cache = cache or FeatureCache(subdir("features"), encoder.encoder_id)
+    progress: Callable[[int], None] | None = None,
+) -> CacheFill:
+    """Make sure the cache holds each example's image (plus `views` augmented renderings),
+    encoding only what is missing; reads no features back. Unreadable images are counted in
+    `bad`. `progress(n)` replaces the progress bar (n = (image, view) pairs done)."""
+    if cache is None:  # (an empty cache is falsy: it has a length)
+        cache = FeatureCache(subdir("features"), encoder.encoder_id)
     digests: list[str | None] = []
     with ThreadPoolExecutor(max_workers=4) as pool:
         for example, digest in zip(
@@ -93,8 +120,9 @@ def extract_features(
     keys = [[f"{digests[i]}:{v}" for i in kept] for v in range(views + 1)]
     todo = [(v, j) for v in range(views + 1) for j, key in enumerate(keys[v]) if key not in cache]
     broken: set[int] = set()
+    encoded = 0
     if todo:
-        bar = tqdm(total=len(todo), desc=desc, unit="img", leave=False)
+        bar = tqdm(total=len(todo), desc=desc, unit="img", leave=False, disable=progress is not None)
         for start in range(0, len(todo), 256):
             part = todo[start : start + 256]
             with ThreadPoolExecutor(max_workers=2) as pool:
@@ -114,11 +142,36 @@ def extract_features(
                     ]
                 )
                 cache.put([keys[v][j] for (v, j), _ in ok], feats)
+                encoded += len(ok)
             bar.update(len(part))
+            if progress is not None:
+                progress(len(part))
         bar.close()
     good = [j for j in range(len(kept)) if j not in broken]
-    table = torch.stack([cache.get([keys[v][j] for j in good]) for v in range(views + 1)])
-    return Split([examples[kept[j]] for j in good], table)
+    return CacheFill(
+        [kept[j] for j in good],
+        [[keys[v][j] for j in good] for v in range(views + 1)],
+        encoded,
+        len(kept) * (views + 1) - len(todo),
+    )
+
+
+def extract_features(
+    examples: Sequence[Example],
+    encoder: FrozenImageEncoder,
+    bad: BadInputLog,
+    views: int = 0,
+    cache: FeatureCache | None = None,
+    desc: str = "features",
+    batch_size: int = 8,
+) -> Split:
+    """Encode each example's image (plus `views` augmented renderings) once, through the cache.
+    Unreadable images are counted in `bad` and dropped from the returned split."""
+    if cache is None:  # (an empty cache is falsy: it has a length)
+        cache = FeatureCache(subdir("features"), encoder.encoder_id)
+    fill = fill_cache(examples, encoder, bad, views, cache, desc, batch_size)
+    table = torch.stack([cache.get(fill.keys[v]) for v in range(views + 1)])
+    return Split([examples[i] for i in fill.kept], table)
 
 
 def _safe_digest(path: str) -> str | None:
