@@ -316,6 +316,57 @@ def measure_recall(
     return hits / (k * len(queries))
 
 
+def _leftovers(directory: Path) -> list[tuple[str, int, Path]]:
+    """(kind, writer pid, path) of the temporaries `save` leaves beside `directory` while it
+    runs: `.NAME.tmp-PID` (the new version) and `.NAME.old-PID` (the version it replaces)."""
+    out = []
+    for path in directory.parent.glob(f".{directory.name}.*-*"):
+        kind, _, pid = path.name[len(directory.name) + 2 :].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and path.is_dir():
+            out.append((kind, int(pid), path))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _live_writers(directory: Path) -> bool:
+    return any(_alive(pid) for _, pid, _ in _leftovers(directory))
+
+
+def recover(directory: str | Path) -> bool:
+    """Repair what a writer killed inside `save` left, and say whether an index is in place.
+
+    `save` renames the current index to `.NAME.old-PID`, then its complete new version
+    `.NAME.tmp-PID` to NAME; killed between the two, it leaves no NAME. Of a dead writer's
+    temporaries, the new version is put in place when it is complete (it checks against its
+    manifest), else the old one; the rest is deleted. Live writers' temporaries are left
+    alone (their rename is microseconds away)."""
+    directory = Path(directory)
+    dead = [(kind, path) for kind, pid, path in _leftovers(directory) if not _alive(pid)]
+    if not directory.exists():
+        # Newest version first: a complete `tmp` is newer than any `old`.
+        for _, path in sorted(dead, key=lambda kp: (kp[0] != "tmp", -kp[1].stat().st_mtime)):
+            try:
+                ImageIndex._load_once(path, None, None, None, True, None)
+                os.replace(path, directory)
+                break
+            except (BadIndex, OSError, ValueError, RuntimeError):
+                continue  # incomplete, or another process restored one first
+    for _, path in dead:
+        shutil.rmtree(path, ignore_errors=True)
+    return directory.exists()
+
+
 class ImageIndex:
     """A loaded (or freshly built) index: `search` returns scores and row numbers; `metadata[i]`
     describes row i."""
@@ -397,9 +448,11 @@ class ImageIndex:
 
     def save(self, directory: str | Path) -> Path:
         """Write atomically: a complete temporary directory replaces `directory`. Every file's
-        SHA-256 is computed here, once; `load` re-checks it (always for small files)."""
+        SHA-256 is computed here, once; `load` re-checks it (always for small files).
+        A writer killed between its two renames is repaired by `recover`."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
+        recover(directory)
         tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -449,6 +502,8 @@ class ImageIndex:
         new index, never a torn one. A fault in an unchanging directory raises at once."""
         directory = Path(directory)
         for attempt in range(attempts):
+            if not directory.exists() and not recover(directory) and not _live_writers(directory):
+                raise BadIndex(f"{directory}: no image index there (build one with `fromage index`)")
             before = _identity(directory)
             try:
                 index = cls._load_once(directory, encoder_id, checkpoint_digest, dim, verify, mmap)

@@ -24,7 +24,7 @@ from .data.digest import file_digest
 from .data.examples import Example
 from .data.readers import BadInputLog, read_collection
 from .data.shards import is_shard_source, read_shards
-from .index import BadIndex, ImageIndex
+from .index import BadIndex, ImageIndex, recover
 
 if TYPE_CHECKING:
     from .model import FromageModel
@@ -97,6 +97,7 @@ def index_collection(
     out_dir = Path(out_dir)
     digest = checkpoint_digest(checkpoint_dir)
     existing = None
+    recover(out_dir)  # a run killed mid-save leaves the old (or new) version to put back
     if (out_dir / "manifest.json").exists():
         existing = ImageIndex.load(out_dir, checkpoint_digest=digest)
     bad = BadInputLog()
