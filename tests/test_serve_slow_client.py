@@ -1,5 +1,7 @@
-"""Slow clients (issue #7 item 5): a client that trickles its request body gets a 408 once the
-body timeout passes and its connection is closed; while it stalls, other clients are served."""
+"""Slow clients and big bodies (issue #7 item 5) against a real server on loopback: a client
+that trickles its request body gets a 408 once the body timeout passes and its connection is
+closed, while other clients are served; a chunked body (no declared length) over the limit
+gets a 413 as soon as the limit is passed."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from .test_pipeline import bot  # noqa: F401  (fixture)
 from .test_train import tiny_world  # noqa: F401  (fixture)
 
 BODY_TIMEOUT_S = 3.0
+MAX_BODY = 4096
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,8 @@ def server(bot):  # noqa: F811
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(fromage, ServeConfig(body_timeout_s=BODY_TIMEOUT_S, max_tokens_limit=4))
+    config = ServeConfig(body_timeout_s=BODY_TIMEOUT_S, max_tokens_limit=4, max_body_bytes=MAX_BODY)
+    app = create_app(fromage, config)
     instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
@@ -76,3 +80,21 @@ def test_a_client_that_sends_nothing_is_answered_408_too(server):
     reply = _read_all(slow)
     slow.close()
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+
+
+def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all(server):
+    sock = socket.create_connection(("127.0.0.1", server), timeout=60)
+    sock.sendall(
+        b"POST /v1/retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"x" * 1024
+    try:
+        for _ in range(2 * MAX_BODY // len(chunk)):  # twice the limit, then the server must answer
+            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered and closed early: fine
+    reply = _read_all(sock)
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    assert f"over the limit of {MAX_BODY} bytes".encode() in reply
