@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.fromage-setup
 
-.PHONY: setup demo train eval test test-fast lint clean
+.PHONY: setup demo train eval test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,22 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The benchmark suite (BENCHMARKS.md), CPU scripts with their default arguments, one at a time;
+# serve_load needs an index, built (or reused) first. bench/gpu_paper_config.py needs a CUDA GPU
+# and is run by hand: `$(PY) bench/gpu_paper_config.py --out gpu.json`.
+BENCH_INDEX := runs/bench-emoji-index
+
+bench: setup
+	$(PY) bench/decode_speed.py
+	$(PY) bench/answer_scoring.py
+	$(PY) bench/encoder_backends.py
+	$(PY) bench/retrieval.py
+	$(PY) bench/train_step.py
+	$(PY) bench/index_images.py
+	$(PY) bench/feature_shards.py
+	$(PY) -m fromage.cli index emoji-google --model fromage/weights/default --out $(BENCH_INDEX)
+	$(PY) bench/serve_load.py --index $(BENCH_INDEX)
 
 lint: setup
 	$(VENV)/bin/ruff check fromage tests

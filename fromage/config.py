@@ -74,6 +74,10 @@ class ModelConfig:
     logit_scale_init: float = math.log(1 / 0.07)
     ret_norm_rescale: bool = True
     """After each step, rescale `[RET]`'s embedding to the mean norm of the frozen rows."""
+    activation_checkpointing: bool = False
+    """Recompute the frozen LM's decoder blocks in the backward pass instead of keeping their
+    activations (captioning pass): less memory for one more forward (BENCHMARKS.md, "Training
+    step vs the published algorithm"). Same loss and gradients."""
     # Filled in when the model is built from real backbones; checked when a checkpoint loads.
     feature_dim: int = 0
     hidden_size: int = 0

@@ -120,6 +120,8 @@ class FromageModel(nn.Module):
             raise ValueError("feature_dim is unknown: pass an encoder or feature_dim")
         self.config = config
         self.lm = lm
+        if config.activation_checkpointing:
+            lm.set_activation_checkpointing(True)
         self.encoder = encoder
         d, f, k, r = lm.hidden_size, config.feature_dim, config.num_visual_tokens, config.retrieval_dim
 

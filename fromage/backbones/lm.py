@@ -49,6 +49,7 @@ class FrozenLM(nn.Module):
         self.num_layers = int(layers)
         self.final_norm = _find_final_norm(self.base)
         self.stepper: Any = None  # set by enable_fast_decode
+        self.checkpointing = False  # set by set_activation_checkpointing
         # Some heads (OPT-350m) read a projected hidden state; we only support heads that read
         # the hidden size directly, which is every model that ties input and output.
         head_weight: torch.Tensor = head.weight  # type: ignore[assignment]
@@ -98,6 +99,22 @@ class FrozenLM(nn.Module):
         layers = self.decoder_layers()
         for layer in layers:
             fully_shard(layer)
+        return len(layers)
+
+    def set_activation_checkpointing(self, enabled: bool) -> int:
+        """Activation checkpointing of the frozen decoder blocks: under autograd each block keeps
+        only its input and is recomputed in the backward pass (non-reentrant
+        `torch.utils.checkpoint`), so the captioning pass holds ~1/L of the activations for one
+        extra forward. Same loss and gradients (tested). Blocks that read or write a KV cache
+        are never checkpointed (a recompute would append to the cache twice), nor is anything
+        run without autograd. Returns the number of blocks wrapped."""
+        self.checkpointing = enabled
+        layers = self.decoder_layers()
+        for layer in layers:
+            if not getattr(layer, "_fromage_checkpointable", False):
+                # An instance attribute: module hooks (FSDP2) stay outside the checkpoint.
+                layer.forward = _checkpointable(layer.forward, self)
+                layer._fromage_checkpointable = True
         return len(layers)
 
     @property
@@ -150,6 +167,23 @@ class FrozenLM(nn.Module):
             # hidden_states[0] is the embedding output; [n] is decoder layer n's output.
             selected = self.final_norm(out.hidden_states[ret_layer])
         return LMOutput(last, selected, getattr(out, "cache", None) if use_cache else None)
+
+
+def _checkpointable(forward: Any, owner: FrozenLM) -> Any:
+    """`forward` of one decoder block, checkpointed while `owner.checkpointing` is on."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.cache_utils import Cache
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        # Architectures pass the cache by keyword or by position (GPT-2): look at every argument.
+        uses_cache = bool(kwargs.get("use_cache")) or any(
+            isinstance(a, Cache) for a in (*args, *kwargs.values())
+        )
+        if owner.checkpointing and torch.is_grad_enabled() and not uses_cache:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run
 
 
 def _find_final_norm(base: nn.Module) -> nn.Module | None:
