@@ -189,6 +189,13 @@ class TrainConfig:
     """Steps of retrieval-map refinement on cached `[RET]` states after the joint loop
     (batch `refine_batch_size`; 0 = off). See refine.py."""
     refine_batch_size: int = 512
+    refine_max_examples: int = 200_000
+    """Refinement reads the cached `[RET]` state of every training caption; above this many
+    examples it uses a random sample of them (the state table is examples x hidden size)."""
+    prefix_cache_mb: float = 4096.0
+    """The frozen `[BOS] caption` part of the retrieval pass is computed once per caption and
+    kept (keys/values of every layer) while this table fits in this many MB; a larger
+    collection computes it in each step instead (no autograd either way). Same losses."""
     refine_lr: float = 2e-3
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.95)
@@ -238,6 +245,7 @@ class TrainConfig:
             "refine_batch_size",
             "max_nonfinite_steps",
             "num_processes",
+            "refine_max_examples",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -24,6 +24,75 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, count: float | Non
     return total / (targets.numel() if count is None else count)
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of logits `[hidden @ weight.T (+ bias), hidden @ extra]` (V + 1 classes)
+    computed a chunk of rows at a time. `weight` is frozen, so the gradients are known as soon
+    as a chunk's softmax is: they are computed right away and only they are kept, (N, d) and
+    (d,), instead of the (N, V + 1) logits, their softmax and its gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, extra, targets, divisor: float, chunk: int):  # type: ignore[override]
+        want_hidden, want_extra = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if want_hidden else None
+        grad_extra = torch.zeros_like(extra, dtype=torch.float32) if want_extra else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        extra32 = extra.float()
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            t = targets[start : start + chunk]
+            frozen = (h.to(weight.dtype) @ weight.T).float()  # (c, V)
+            if bias is not None:
+                frozen = frozen + bias.float()
+            logits = torch.cat([frozen, (h.float() @ extra32)[:, None]], 1)  # (c, V + 1)
+            lse = logits.logsumexp(1)
+            total = total + (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            if grad_hidden is None and grad_extra is None:
+                continue
+            # d(loss)/d(logits) = softmax - one-hot, reusing the logits' memory.
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(len(t)), t] -= 1.0
+            if grad_hidden is not None:
+                grad = (probs[:, :-1].to(weight.dtype) @ weight).float() + probs[:, -1:] * extra32
+                grad_hidden[start : start + chunk] = grad
+            if grad_extra is not None:
+                grad_extra += probs[:, -1] @ h.float()
+        ctx.save_for_backward(
+            *(g / divisor if g is not None else torch.empty(0) for g in (grad_hidden, grad_extra))
+        )
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        grad_hidden, grad_extra = ctx.saved_tensors
+        hidden = grad_hidden * grad_output if ctx.needs_input_grad[0] else None
+        extra = grad_extra * grad_output if ctx.needs_input_grad[3] else None
+        return hidden, None, None, extra, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    extra: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    count: float | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """`caption_loss` of the logits `[hidden @ weight.T + bias, hidden @ extra]` without ever
+    holding all of them: (N, d) hidden states at labelled positions, a frozen (V, d) output
+    head, the trainable (d,) `[RET]` output row, (N,) targets in 0..V (V = `[RET]`).
+
+    Same value and gradients as building the (N, V + 1) logits (tested); peak memory is one
+    (chunk, V + 1) block instead of about three (N, V + 1) tensors (logits, log-softmax and
+    its gradient: 0.75 GB for 1,280 positions of a 49k vocabulary)."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("linear_cross_entropy keeps no graph through the output head: it must be frozen")
+    if targets.numel() != hidden.shape[0]:
+        raise ValueError(f"{hidden.shape[0]} hidden states but {targets.numel()} targets")
+    divisor = float(targets.numel() if count is None else count)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, extra, targets, divisor, chunk)
+
+
 def ret_token_loss(
     frozen_lse: torch.Tensor,
     frozen_target_logit: torch.Tensor,

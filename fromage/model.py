@@ -64,6 +64,9 @@ class TextPrefix:
     keys: torch.Tensor  # (L, B, H, T, hd) per-layer attention keys
     values: torch.Tensor  # (L, B, H, T, hd)
 
+    def __len__(self) -> int:
+        return int(self.mask.shape[0])
+
     @staticmethod
     def cat(parts: list[TextPrefix]) -> TextPrefix:
         """Concatenate along the batch, left-padding every part to the widest."""
@@ -312,6 +315,22 @@ class FromageModel(nn.Module):
         logits = self.full_logits(out.last_hidden) if compute_logits else torch.empty(0)
         return FromageOutput(logits, out.selected_hidden, out.last_hidden, out.cache)
 
+    def caption_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_features: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captioning pass up to the output head. `labels` (B, T) holds the token at each
+        position to be predicted (IGNORE_INDEX elsewhere); position t-1 predicts labels[t].
+        Returns the (N, d) last hidden states at the N predicting positions and their (N,)
+        targets (`losses.linear_cross_entropy` takes it from there without full logits)."""
+        out = self.forward(input_ids, attention_mask, image_features, compute_logits=False)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX  # (B, T-1)
+        return out.last_hidden[:, :-1][keep], targets[keep]
+
     def caption_forward(
         self,
         input_ids: torch.Tensor,
@@ -319,14 +338,10 @@ class FromageModel(nn.Module):
         image_features: torch.Tensor,
         labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captioning pass. `labels` (B, T) holds the token at each position to be predicted
-        (IGNORE_INDEX elsewhere); position t-1 predicts labels[t].
-        Returns logits (N, V+1) at the N predicting positions and their (N,) targets."""
-        out = self.forward(input_ids, attention_mask, image_features, compute_logits=False)
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX  # (B, T-1)
-        hidden = out.last_hidden[:, :-1][keep]  # (N, d): only where a label exists
-        return self.full_logits(hidden), targets[keep]
+        """Captioning pass: logits (N, V+1) at the N predicting positions and their (N,)
+        targets (see `caption_hidden`)."""
+        hidden, targets = self.caption_hidden(input_ids, attention_mask, image_features, labels)
+        return self.full_logits(hidden), targets
 
     @torch.no_grad()
     def encode_text_prefix(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor) -> TextPrefix:
@@ -341,16 +356,22 @@ class FromageModel(nn.Module):
         # Each token predicts the next; the last real token (left padding: the last column)
         # predicts [RET].
         targets = torch.cat([prefix_ids[:, 1:], torch.full_like(prefix_ids[:, :1], ret_id)], 1)
-        frozen = self.lm.logits(out.last_hidden).float()  # (B, T, V)
-        frozen_target = frozen.gather(2, targets.clamp(max=frozen.shape[2] - 1).unsqueeze(2))[..., 0]
+        # The (B, T, V) vocabulary logits are reduced a few rows at a time: whole, they would
+        # be the largest tensor of training (0.3 GB for 64 captions of a 49k vocabulary).
+        lse, frozen_target = [], []
+        for start in range(0, prefix_ids.shape[0], 8):
+            frozen = self.lm.logits(out.last_hidden[start : start + 8]).float()  # (8, T, V)
+            rows = targets[start : start + 8].clamp(max=frozen.shape[2] - 1)
+            lse.append(frozen.logsumexp(-1))
+            frozen_target.append(frozen.gather(2, rows.unsqueeze(2))[..., 0])
         keys = torch.stack([layer.keys for layer in out.cache.layers])  # (L, B, H, T, hd)
         values = torch.stack([layer.values for layer in out.cache.layers])
         return TextPrefix(
             mask=prefix_mask,
             targets=targets,
             last_hidden=out.last_hidden,
-            frozen_lse=frozen.logsumexp(-1),
-            frozen_target_logit=frozen_target,
+            frozen_lse=torch.cat(lse),
+            frozen_target_logit=torch.cat(frozen_target),
             keys=keys,
             values=values,
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -29,10 +30,19 @@ class RefineResult:
     last_loss: float
 
 
+class PrefixSource(Protocol):
+    """Rows of frozen retrieval-pass prefixes: a precomputed `TextPrefix` table, or
+    `train.OnTheFlyPrefixes` computing them when asked."""
+
+    def __len__(self) -> int: ...
+
+    def select(self, rows: torch.Tensor) -> TextPrefix: ...
+
+
 @torch.no_grad()
-def ret_states(model: FromageModel, prefixes: TextPrefix, chunk: int = 256) -> torch.Tensor:
-    """(T, d) hidden state at `[RET]` (model.config.ret_layer) for each cached text prefix."""
-    n = int(prefixes.mask.shape[0])
+def ret_states(model: FromageModel, prefixes: PrefixSource, chunk: int = 256) -> torch.Tensor:
+    """(T, d) hidden state at `[RET]` (model.config.ret_layer) for each text prefix."""
+    n = len(prefixes)
     parts = [
         model.retrieval_from_prefix(prefixes.select(torch.arange(s, min(s + chunk, n)))).ret_hidden
         for s in range(0, n, chunk)

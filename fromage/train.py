@@ -39,9 +39,9 @@ from .data.examples import Example
 from .data.readers import BadInputLog
 from .data.requests import request_forms
 from .distributed import Processes, init_processes
-from .losses import caption_loss, contrastive_loss, ret_token_loss
+from .losses import caption_loss, contrastive_loss, linear_cross_entropy, ret_token_loss
 from .model import IGNORE_INDEX, FromageModel, TextPrefix
-from .refine import refine_retrieval, ret_states
+from .refine import PrefixSource, refine_retrieval, ret_states
 from .validation import fill_states, validate
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,48 @@ def precompute_prefixes(
     return table.select(inverse)
 
 
+class OnTheFlyPrefixes:
+    """The frozen retrieval-pass prefixes computed when a step asks for them, for collections
+    whose precomputed table would not fit in `prefix_cache_mb`: one frozen forward over the
+    step's texts (still no autograd). `select` returns what the table's `select` would."""
+
+    def __init__(self, model: FromageModel, texts: list[list[int]], special: SpecialTokens):
+        self.model, self.texts, self.special = model, texts, special
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, rows: torch.Tensor) -> TextPrefix:
+        ids, mask = retrieval_prefix_batch([self.texts[r] for r in rows.tolist()], self.special)
+        device = self.model.ret_embedding.device
+        return self.model.encode_text_prefix(ids.to(device), mask.to(device))
+
+
+class _Rows:
+    """Some rows of a prefix source, renumbered 0..len-1."""
+
+    def __init__(self, source: PrefixSource, rows: list[int]):
+        self.source, self.rows = source, torch.tensor(rows, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, rows: torch.Tensor) -> TextPrefix:
+        return self.source.select(self.rows[rows])
+
+
+def prefix_table_mb(model: FromageModel, texts: list[list[int]], special: SpecialTokens) -> float:
+    """Size the precomputed prefix table would take: (texts x longest text) positions, each
+    holding every layer's keys and values and a hidden state (measured on one probe row)."""
+    ids, mask = retrieval_prefix_batch([min(texts, key=len)], special)
+    device = model.ret_embedding.device
+    probe = model.encode_text_prefix(ids.to(device), mask.to(device))
+    tensors = (probe.mask, probe.targets, probe.last_hidden, probe.frozen_lse, probe.frozen_target_logit)
+    probe_bytes = sum(t.numel() * t.element_size() for t in (*tensors, probe.keys, probe.values))
+    per_position = probe_bytes / ids.shape[1]
+    return per_position * len(texts) * (max(len(t) for t in texts) + 1) / 2**20
+
+
 def pick_caption_texts(
     texts: list[list[int]],
     qa_forms: list[list[list[int]]],
@@ -176,7 +218,7 @@ def train_step(
     model: FromageModel,
     split: Split,
     caption_texts: list[list[int]],
-    prefixes: TextPrefix,
+    prefixes: PrefixSource,
     text_of_example: torch.Tensor,
     group_ids: torch.Tensor,
     caption_idx: list[int],
@@ -223,10 +265,15 @@ def train_step(
         )
     ).tolist()
 
-    logits, targets = model.caption_forward(
+    hidden, targets = model.caption_hidden(
         batch.input_ids.to(device), batch.attention_mask.to(device), cap_feats, batch.labels.to(device)
     )
-    loss_cap = caption_loss(logits, targets, counts[0])
+    head = model.lm.head_linear()
+    if head is not None:  # the (N, V+1) logits are never held whole (losses.linear_cross_entropy)
+        weight, bias = head
+        loss_cap = linear_cross_entropy(hidden, weight, model.ret_output_row, targets, bias, counts[0])
+    else:
+        loss_cap = caption_loss(model.full_logits(hidden), targets, counts[0])
     ret = model.retrieval_from_prefix(ret_prefix)
     loss_ret_lm = ret_token_loss(
         ret.frozen_lse, ret.frozen_target_logit, ret.ret_logit, ret.target_is_ret, counts[1]
@@ -337,8 +384,24 @@ def train(config: TrainConfig) -> TrainResult:
     # Captions repeat (easy-VQA has 24): the frozen prefix is computed once per distinct text.
     text_index: dict[tuple[int, ...], int] = {}
     text_of_example = torch.tensor([text_index.setdefault(tuple(t), len(text_index)) for t in texts])
-    prefixes = precompute_prefixes(model, [list(t) for t in text_index], special)
-    model.set_text_stats(ret_states(model, prefixes))
+    distinct = [list(t) for t in text_index]
+    table_mb = prefix_table_mb(model, distinct, special)
+    prefixes: PrefixSource
+    if table_mb <= config.prefix_cache_mb:
+        prefixes = precompute_prefixes(model, distinct, special)
+        model.set_text_stats(ret_states(model, prefixes))
+    else:
+        log.info(
+            "retrieval-pass prefixes of %d texts would take %.0f MB (prefix_cache_mb %.0f): "
+            "computed in each step instead",
+            len(distinct),
+            table_mb,
+            config.prefix_cache_mb,
+        )
+        prefixes = OnTheFlyPrefixes(model, distinct, special)
+        # [RET]-state statistics (for standardising) from a sample of the texts.
+        sample = sorted(random.Random(config.seed).sample(range(len(distinct)), min(len(distinct), 4096)))
+        model.set_text_stats(ret_states(model, _Rows(prefixes, sample)))
     params = model.trainable_parameters()
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(
@@ -487,8 +550,13 @@ def train(config: TrainConfig) -> TrainResult:
         )
     # [RET] is final now: its state per training caption is fixed, so the retrieval maps get
     # many cheap steps on cached states (refine.py), and validation reuses the same states.
-    states = ret_states(model, prefixes)
-    state_cache = {text: states[i] for text, i in text_index.items()}
+    # Past `refine_max_examples`, refinement reads a random sample of the examples.
+    chosen = list(range(len(split)))
+    if len(chosen) > config.refine_max_examples:
+        chosen = sorted(random.Random(config.seed + 2).sample(chosen, config.refine_max_examples))
+    chosen_texts = sorted({int(text_of_example[i]) for i in chosen})
+    states = ret_states(model, _Rows(prefixes, chosen_texts))
+    state_cache = {tuple(distinct[j]): states[k] for k, j in enumerate(chosen_texts)}
     refined: dict[str, float] = {}
     staged_stop = bool(config.stop_at_step) and step >= config.stop_at_step < config.max_steps
     if config.refine_steps and not staged_stop:
@@ -496,7 +564,7 @@ def train(config: TrainConfig) -> TrainResult:
         # Requests ("show me a red apple") join the captions here: their [RET] states come from
         # the final [RET], and the retrieval maps learn to place both forms on the image.
         # Dialogues whose answers determine the image join them for images with questions.
-        form_texts, shares = retrieval_variants(split.examples, tokenizer, config)
+        form_texts, shares = retrieval_variants([split.examples[i] for i in chosen], tokenizer, config)
         fill_states(model, [t for f in form_texts for t in f], special, state_cache)
         row_of = {text: i for i, text in enumerate(state_cache)}
         width = max(len(f) for f in form_texts)
@@ -504,15 +572,16 @@ def train(config: TrainConfig) -> TrainResult:
             [
                 [row_of[tuple(texts[i])]]
                 + [row_of[tuple(f[j % len(f)] if f else texts[i])] for j in range(width)]
-                for i, f in enumerate(form_texts)
+                for i, f in zip(chosen, form_texts, strict=True)
             ]
         )
+        whole = len(chosen) == len(split)
         result = refine_retrieval(
             model,
             torch.stack(list(state_cache.values())),
             table,
-            split.features,
-            group_ids,
+            split.features if whole else split.features[:, torch.tensor(chosen)],
+            group_ids if whole else group_ids[torch.tensor(chosen)],
             config.refine_steps,
             batch_size=config.refine_batch_size,
             lr=config.refine_lr,

@@ -16,6 +16,7 @@ import uvicorn
 from fromage.serve import ServeConfig, create_app
 
 from .test_pipeline import bot  # noqa: F401  (fixture)
+from .test_serve_fuzz import RED_PNG
 from .test_train import tiny_world  # noqa: F401  (fixture)
 
 BODY_TIMEOUT_S = 3.0
@@ -98,3 +99,33 @@ def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all(server)
     sock.close()
     assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
     assert f"over the limit of {MAX_BODY} bytes".encode() in reply
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:  # the server runs in this process (a thread)
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_many_requests(server):
+    """Four rounds of 60 mixed requests: once warm, the resident set does not keep growing
+    (a per-request leak of even 100 KB would add 12 MB over the last two rounds)."""
+    bodies = [
+        ("/v1/retrieve", {"text": "a red circle", "k": 2}),
+        ("/v1/caption", {"image": RED_PNG, "max_tokens": 3}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "a blue square"}], "max_tokens": 3},
+        ),
+    ]
+    after = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{server}", timeout=120) as http:
+        for _ in range(4):
+            for i in range(60):
+                path, body = bodies[i % len(bodies)]
+                assert http.post(path, json=body).status_code == 200
+            after.append(_rss_mb())
+    assert after[3] - after[1] < 10.0, after

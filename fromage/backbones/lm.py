@@ -129,6 +129,13 @@ class FrozenLM(nn.Module):
         """(B, T) ids → (B, T, d) frozen input embeddings."""
         return self.embeddings(input_ids)
 
+    def head_linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight (V, d), bias or None) when the output head is a plain linear layer (what a
+        fused loss can read directly), else None."""
+        if type(self.head) is nn.Linear:
+            return self.head.weight, self.head.bias
+        return None
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(…, d) normed hidden states → (…, V) frozen vocabulary logits."""
         return self.head(hidden)
