@@ -226,6 +226,7 @@ def run_features(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
 def run_ours(setup: Setup, args: argparse.Namespace, checkpointing: bool) -> dict[str, Any]:
     config, special = setup.config, setup.special
     config.model.activation_checkpointing = checkpointing
+    config.model.activation_checkpointing_share = args.checkpoint_share
     model = build_model(setup)
     # One-time costs, timed on their own. Features: the `features` worker (its own process, as
     # `fromage features` is its own step) filled the cache; the loop reads it, as train.py does.
@@ -487,6 +488,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=512, help="training examples (one-time costs)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint-share", type=float, default=1.0, help="ours-ckpt: share of decoder blocks recomputed"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny random backbones (tests)")
     parser.add_argument(
         "--in-process", action="store_true", help="no subprocesses (tests; peak RSS then not per contender)"
@@ -555,6 +559,7 @@ def _argv_from(args: argparse.Namespace) -> list[str]:
         f"--examples={args.examples}",
         f"--threads={args.threads}",
         f"--seed={args.seed}",
+        f"--checkpoint-share={args.checkpoint_share}",
         f"--feature-dir={args.feature_dir}",
     ]
     return out + (["--tiny"] if args.tiny else [])

@@ -78,6 +78,9 @@ class ModelConfig:
     """Recompute the frozen LM's decoder blocks in the backward pass instead of keeping their
     activations (captioning pass): less memory for one more forward (BENCHMARKS.md, "Training
     step vs the published algorithm"). Same loss and gradients."""
+    activation_checkpointing_share: float = 1.0
+    """With activation checkpointing on, the share of the decoder blocks (the first ones) that
+    are recomputed: memory saved and time spent both scale with it (BENCHMARKS.md)."""
     # Filled in when the model is built from real backbones; checked when a checkpoint loads.
     feature_dim: int = 0
     hidden_size: int = 0
@@ -92,6 +95,10 @@ class ModelConfig:
             raise ValueError(f"num_visual_tokens must be >= 1, got {self.num_visual_tokens}")
         if self.retrieval_dim < 1:
             raise ValueError(f"retrieval_dim must be >= 1, got {self.retrieval_dim}")
+        if not 0.0 <= self.activation_checkpointing_share <= 1.0:
+            raise ValueError(
+                f"activation_checkpointing_share must be in [0, 1], got {self.activation_checkpointing_share}"
+            )
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
 

@@ -124,7 +124,7 @@ class FromageModel(nn.Module):
         self.config = config
         self.lm = lm
         if config.activation_checkpointing:
-            lm.set_activation_checkpointing(True)
+            lm.set_activation_checkpointing(True, config.activation_checkpointing_share)
         self.encoder = encoder
         d, f, k, r = lm.hidden_size, config.feature_dim, config.num_visual_tokens, config.retrieval_dim
 

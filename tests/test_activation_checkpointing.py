@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fromage.backbones.lm import FrozenLM
 from fromage.config import ModelConfig
 from fromage.data.collate import caption_batch, retrieval_prefix_batch
 from fromage.losses import caption_loss, contrastive_loss, ret_token_loss
@@ -59,6 +60,13 @@ def test_checkpointing_gives_the_same_loss_and_gradients(make, special):
         assert torch.allclose(grads[name], grads_ckpt[name], atol=1e-6, rtol=1e-5), name
     # Checkpointed blocks keep only their inputs: far less is held for the backward pass.
     assert saved_ckpt < saved * 0.6, (saved_ckpt, saved)
+    # Half the blocks: the same gradients, memory in between.
+    plain.lm.set_activation_checkpointing(True, 0.5)
+    loss_half, grads_half, saved_half = _step(plain, special)
+    assert torch.allclose(loss, loss_half, atol=1e-6)
+    for name in grads:
+        assert torch.allclose(grads[name], grads_half[name], atol=1e-6, rtol=1e-5), name
+    assert saved_ckpt < saved_half < saved, (saved_ckpt, saved_half, saved)
     plain.lm.set_activation_checkpointing(False)
     assert _step(plain, special)[2] == saved
 
@@ -82,3 +90,12 @@ def test_cached_decoding_is_unaffected(special):
     assert torch.allclose(before.ret_hidden, after.ret_hidden, atol=1e-6)
     out = model(ids, mask, use_cache=True, compute_logits=False)
     assert out.cache.get_seq_length() == ids.shape[1]
+
+
+def test_a_share_of_the_blocks_checkpoints_only_the_first_ones():
+    lm = FrozenLM(tiny_llama(layers=4))
+    assert lm.set_activation_checkpointing(True, 0.5) == 2
+    assert lm.set_activation_checkpointing(True, 1.0) == 4
+    assert lm.set_activation_checkpointing(False, 1.0) == 0
+    with pytest.raises(ValueError, match="share must be in"):
+        lm.set_activation_checkpointing(True, 1.5)

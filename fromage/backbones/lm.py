@@ -50,6 +50,7 @@ class FrozenLM(nn.Module):
         self.final_norm = _find_final_norm(self.base)
         self.stepper: Any = None  # set by enable_fast_decode
         self.checkpointing = False  # set by set_activation_checkpointing
+        self.checkpoint_blocks = 0
         # Some heads (OPT-350m) read a projected hidden state; we only support heads that read
         # the hidden size directly, which is every model that ties input and output.
         head_weight: torch.Tensor = head.weight  # type: ignore[assignment]
@@ -101,21 +102,25 @@ class FrozenLM(nn.Module):
             fully_shard(layer)
         return len(layers)
 
-    def set_activation_checkpointing(self, enabled: bool) -> int:
-        """Activation checkpointing of the frozen decoder blocks: under autograd each block keeps
-        only its input and is recomputed in the backward pass (non-reentrant
-        `torch.utils.checkpoint`), so the captioning pass holds ~1/L of the activations for one
-        extra forward. Same loss and gradients (tested). Blocks that read or write a KV cache
-        are never checkpointed (a recompute would append to the cache twice), nor is anything
-        run without autograd. Returns the number of blocks wrapped."""
-        self.checkpointing = enabled
+    def set_activation_checkpointing(self, enabled: bool, share: float = 1.0) -> int:
+        """Activation checkpointing of the frozen decoder blocks: under autograd each chosen
+        block keeps only its input and is recomputed in the backward pass (non-reentrant
+        `torch.utils.checkpoint`), for one extra forward of it. `share` picks the first
+        round(share x L) blocks: memory and recompute both scale with it. Same loss and
+        gradients (tested). Blocks that read or write a KV cache are never checkpointed (a
+        recompute would append to the cache twice), nor is anything run without autograd.
+        Returns the number of blocks checkpointed."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"checkpointing share must be in [0, 1], got {share}")
         layers = self.decoder_layers()
-        for layer in layers:
+        self.checkpointing = enabled
+        self.checkpoint_blocks = round(share * len(layers)) if enabled else 0
+        for index, layer in enumerate(layers):
             if not getattr(layer, "_fromage_checkpointable", False):
                 # An instance attribute: module hooks (FSDP2) stay outside the checkpoint.
-                layer.forward = _checkpointable(layer.forward, self)
+                layer.forward = _checkpointable(layer.forward, self, index)
                 layer._fromage_checkpointable = True
-        return len(layers)
+        return self.checkpoint_blocks
 
     @property
     def embedding_weight(self) -> torch.Tensor:
@@ -176,8 +181,9 @@ class FrozenLM(nn.Module):
         return LMOutput(last, selected, getattr(out, "cache", None) if use_cache else None)
 
 
-def _checkpointable(forward: Any, owner: FrozenLM) -> Any:
-    """`forward` of one decoder block, checkpointed while `owner.checkpointing` is on."""
+def _checkpointable(forward: Any, owner: FrozenLM, index: int) -> Any:
+    """`forward` of decoder block `index`, checkpointed while `owner.checkpointing` is on and
+    the block is among its first `owner.checkpoint_blocks`."""
     from torch.utils.checkpoint import checkpoint
     from transformers.cache_utils import Cache
 
@@ -186,7 +192,8 @@ def _checkpointable(forward: Any, owner: FrozenLM) -> Any:
         uses_cache = bool(kwargs.get("use_cache")) or any(
             isinstance(a, Cache) for a in (*args, *kwargs.values())
         )
-        if owner.checkpointing and torch.is_grad_enabled() and not uses_cache:
+        chosen = owner.checkpointing and index < owner.checkpoint_blocks
+        if chosen and torch.is_grad_enabled() and not uses_cache:
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return forward(*args, **kwargs)
 
