@@ -33,8 +33,11 @@ def test_generate_interleaves_text_and_images_and_never_returns_context_images(b
         ["red", first, "blue circle"], max_new_tokens=8, ret_scale_factor=1e6, min_word_tokens=1, max_rets=2
     )
     images = [p for p in answer if isinstance(p, RetrievedImage)]
-    texts = [p for p in answer if isinstance(p, str)]
-    assert len(images) == 2 and texts
+    # Which words come out of a tiny random LM is arbitrary (its vocabulary is larger than the
+    # test tokenizer's, so they may decode to nothing); the interleaving of word tokens and
+    # [RET] is tested token by token in test_generate.py.
+    assert len(images) == 2
+    assert all(isinstance(p, (str, RetrievedImage)) for p in answer)
     assert all(Path(img.path) != first for img in images)  # the prompt's own image is excluded
     assert len({img.row for img in images}) == 2  # and no image twice in one answer
 
