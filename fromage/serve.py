@@ -526,14 +526,17 @@ class _BodyLimit:
 
 
 async def _send_json(send: Any, status: int, message: str) -> None:
+    """An error answered before the request body was read whole. The connection is closed after
+    it (`Connection: close`): whatever the client still sends is not a next request, and on a
+    kept-alive connection uvicorn would cancel its idle timer on each late chunk and hold the
+    connection open for as long as the client cares to trickle."""
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
