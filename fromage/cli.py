@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 from .config import TrainConfig, apply_overrides, load_json
 
@@ -147,7 +148,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_answer(piece, out=sys.stdout) -> None:
+def _print_answer(piece, out: TextIO | None = None) -> None:
+    out = out or sys.stdout  # looked up per call: whatever stdout is now (redirected, captured)
     if isinstance(piece, str):
         out.write(piece)
     else:
