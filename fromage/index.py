@@ -6,7 +6,7 @@ An index directory holds:
 |---|---|
 | `manifest.json` | format version, encoder id, checkpoint digest, dimension, count, index type, and the byte size and SHA-256 of every other file |
 | `embeddings.npy` | (N, D) float32 unit vectors, memory-mappable |
-| `metadata.jsonl` | one `{"path", "caption", "digest"}` line per row |
+| `metadata.jsonl` | one `{"path", "caption", "digest"}` line per row (memory-mapped on load and parsed a row at a time, see `jsonl_rows.py`) |
 | `index.faiss` | FAISS inner-product index over the same rows (exact `flat`, or `hnsw` / `ivf` / `ivfpq`) |
 
 Writes go to a temporary sibling directory that replaces the old one only when complete, so
@@ -29,13 +29,15 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .jsonl_rows import JsonlRows
 
 FORMAT_VERSION = 2
 """2 added `params` and `recall` to the manifest (and the `ivfpq` type); version 1 still loads."""
@@ -369,9 +371,11 @@ def recover(directory: str | Path) -> bool:
 
 class ImageIndex:
     """A loaded (or freshly built) index: `search` returns scores and row numbers; `metadata[i]`
-    describes row i."""
+    describes row i (a list when built here, `JsonlRows` read from the file when loaded)."""
 
-    def __init__(self, manifest: Manifest, embeddings: np.ndarray, metadata: list[dict], faiss_index: Any):
+    def __init__(
+        self, manifest: Manifest, embeddings: np.ndarray, metadata: Sequence[dict], faiss_index: Any
+    ):
         self.manifest = manifest
         self.embeddings = embeddings
         self.metadata = metadata
@@ -383,6 +387,12 @@ class ImageIndex:
     @property
     def digests(self) -> set[str]:
         return {m["digest"] for m in self.metadata if m.get("digest")}
+
+    def row_of_digest(self, digest: str) -> int | None:
+        """The first row holding the image with this digest (`data.digest.file_digest`), or None."""
+        if isinstance(self.metadata, JsonlRows):
+            return self.metadata.row_of_digest(digest)  # a table of digest prefixes, built once
+        return next((row for row, m in enumerate(self.metadata) if m.get("digest") == digest), None)
 
     # ------------------------------------------------------------------ build / save
 
@@ -440,7 +450,7 @@ class ImageIndex:
         )
         return ImageIndex.build(
             np.asarray(rows),
-            self.metadata + list(metadata),
+            [*self.metadata, *metadata],
             self.manifest.encoder_id,
             self.manifest.checkpoint_digest,
             index_type or ("auto" if self.manifest.index_type == "flat" else self.manifest.index_type),
@@ -566,8 +576,7 @@ class ImageIndex:
             raise BadIndex(
                 f"{directory}: embeddings are {embeddings.shape}, manifest says ({manifest.count}, {manifest.dim})"
             )
-        lines = (directory / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
-        metadata = [json.loads(line) for line in lines if line.strip()]
+        metadata = JsonlRows(directory / "metadata.jsonl")  # parsed row by row, when read
         if len(metadata) != manifest.count:
             raise BadIndex(f"{directory}: {len(metadata)} metadata rows, manifest says {manifest.count}")
         faiss = _faiss()

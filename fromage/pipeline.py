@@ -67,14 +67,11 @@ class Fromage:
         self.special = SpecialTokens.from_tokenizer(tokenizer)
         self.index = index
         self.generation = generation or GenerationConfig()
-        self._row_of_digest: dict[str, int] = {}
         if index is not None:
             if index.manifest.dim != model.config.retrieval_dim:
                 raise ValueError(
                     f"index has dimension {index.manifest.dim}, the model retrieves in {model.config.retrieval_dim}"
                 )
-            for row, meta in enumerate(index.metadata):
-                self._row_of_digest.setdefault(meta.get("digest", ""), row)
 
     @classmethod
     def from_pretrained(
@@ -118,8 +115,8 @@ class Fromage:
             elif isinstance(item, (Path, Image.Image)):
                 images.append(load_image(item))  # names the file when it cannot be read
                 ids += [IMAGE_TOKEN_ID] * k
-                if isinstance(item, Path) and self._row_of_digest:
-                    row = self._row_of_digest.get(file_digest(item))
+                if isinstance(item, Path) and self.index is not None:
+                    row = self.index.row_of_digest(file_digest(item))
                     if row is not None:
                         context.add(row)
             else:

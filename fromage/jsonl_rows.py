@@ -1,0 +1,118 @@
+"""The rows of an index's `metadata.jsonl`, parsed one at a time when asked for.
+
+An index of 10M images has ~1.5 GB of metadata; parsed into Python dicts it would take several
+GB in every process that loads the index (a server, each worker). Here the file is
+memory-mapped and one scan for newlines (numpy, in chunks) gives each row's byte span: 16
+bytes per row in RAM, and a row costs one `json.loads` when it is read.
+
+Lines are split on b"\\n" only. (`str.splitlines`, used before, also splits on U+2028, U+0085
+and others, which `json.dumps(..., ensure_ascii=False)` leaves raw inside a caption; such a
+caption broke the row count.)
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+
+SCAN_CHUNK = 64 << 20
+"""Bytes examined per step of the newline scan (bounds its temporary arrays)."""
+
+# The digest key as `json.dumps` writes it, then the first 16 hex digits of its value. Inside a
+# JSON string every quote is escaped, so this byte pattern only occurs as a real key.
+_DIGEST = re.compile(rb'"digest": "([0-9a-f]{16})')
+_HEX = np.full(256, 255, np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+class JsonlRows(Sequence[dict]):
+    """A read-only sequence of the JSON objects in `path`, one per non-empty line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        self._bytes = np.memmap(self.path, np.uint8, "r") if size else np.zeros(0, np.uint8)
+        self._starts, self._ends = _line_spans(self._bytes)
+        self._digest_keys: np.ndarray | None = None  # (M,) uint64 digest prefixes, sorted
+        self._digest_rows: np.ndarray | None = None  # (M,) int64 rows, in the same order
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    @overload
+    def __getitem__(self, i: int) -> dict: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[dict]: ...
+
+    def __getitem__(self, i: int | slice) -> dict | list[dict]:
+        if isinstance(i, slice):
+            return [self._row(j) for j in range(*i.indices(len(self)))]
+        j = operator.index(i)
+        if j < 0:
+            j += len(self)
+        if not 0 <= j < len(self):
+            raise IndexError(f"row {i} of {len(self)} in {self.path}")
+        return self._row(j)
+
+    def __iter__(self) -> Iterator[dict]:
+        for j in range(len(self)):
+            yield self._row(j)
+
+    def _row(self, j: int) -> dict:
+        raw = self._bytes[self._starts[j] : self._ends[j]].tobytes()
+        try:
+            row = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{self.path}: line {j + 1} is not valid JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{self.path}: line {j + 1} is a JSON {type(row).__name__}, not an object")
+        return row
+
+    def row_of_digest(self, digest: str) -> int | None:
+        """The first row whose "digest" is `digest`, or None. The first call scans the file
+        once for digests (a regex over the mapped bytes) and keeps a sorted table of their
+        64-bit prefixes (16 bytes per row); a lookup is then a binary search, confirmed by
+        parsing the candidate rows."""
+        if len(digest) < 16 or not all(c in "0123456789abcdef" for c in digest[:16]):
+            return None  # not a hex digest: no row was written with it
+        if self._digest_keys is None:
+            self._digest_keys, self._digest_rows = self._digest_table()
+        assert self._digest_rows is not None
+        key = np.uint64(int(digest[:16], 16))
+        lo = int(np.searchsorted(self._digest_keys, key, side="left"))
+        hi = int(np.searchsorted(self._digest_keys, key, side="right"))
+        for row in self._digest_rows[lo:hi]:  # rows ascending within one key
+            if self._row(int(row)).get("digest") == digest:
+                return int(row)
+        return None
+
+    def _digest_table(self) -> tuple[np.ndarray, np.ndarray]:
+        view: Any = memoryview(self._bytes) if len(self._bytes) else b""
+        at = np.fromiter((m.start(1) for m in _DIGEST.finditer(view)), np.int64)
+        nibbles = _HEX[self._bytes[at[:, None] + np.arange(16)]].astype(np.uint64)  # (M, 16)
+        keys = (nibbles << (np.arange(15, -1, -1, dtype=np.uint64) * np.uint64(4))).sum(1, dtype=np.uint64)
+        rows = np.searchsorted(self._starts, at, side="right") - 1  # the line each match is on
+        order = np.lexsort((rows, keys))
+        return keys[order], rows[order]
+
+
+def _line_spans(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) start and end byte offsets of the non-empty lines of `data` (a trailing \\r is not
+    part of a line)."""
+    size = len(data)
+    breaks = [np.flatnonzero(data[s : s + SCAN_CHUNK] == 10) + s for s in range(0, size, SCAN_CHUNK)]
+    newlines = np.concatenate([np.zeros(0, np.int64), *breaks]).astype(np.int64)
+    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
+    ends = np.concatenate([newlines, [size]]).astype(np.int64)
+    crlf = ends > starts
+    crlf[crlf] = data[ends[crlf] - 1] == 13
+    ends -= crlf
+    keep = ends > starts
+    return starts[keep], ends[keep]
