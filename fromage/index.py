@@ -54,6 +54,9 @@ MMAP_LIMIT = 256 << 20
 """`load(mmap=None)` memory-maps an `index.faiss` larger than this."""
 ADD_CHUNK = 65_536
 """Rows handed to FAISS per `add` call when building from a (memory-mapped) matrix."""
+EXACT_CHUNK = 8_192
+"""Rows per step of `exact_search`: 1,000 recall queries then need ~130 MB of temporaries
+(65,536 rows took ~1.4 GB), and the (Q, D) @ (D, chunk) product is still large enough for BLAS."""
 RECALL_QUERIES = 1_000
 RECALL_K = 10
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -266,10 +269,11 @@ def rescore(
 
 
 def exact_search(
-    embeddings: np.ndarray, queries: np.ndarray, k: int, chunk_rows: int = ADD_CHUNK
+    embeddings: np.ndarray, queries: np.ndarray, k: int, chunk_rows: int = EXACT_CHUNK
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute force over row chunks (bounded memory for a memmap of any length): the same
-    top-k as `brute_force_search` up to the order of tied scores."""
+    top-k as `brute_force_search` up to the order of tied scores. Peak temporary memory is
+    ~16 bytes per (query, chunk row) pair: the scores and argpartition's int64 indices."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     n = embeddings.shape[0]
     keep = min(k, n)
@@ -400,7 +404,7 @@ class ImageIndex:
     def build(
         cls,
         embeddings: np.ndarray,
-        metadata: list[dict],
+        metadata: Sequence[dict],
         encoder_id: str,
         checkpoint_digest: str,
         index_type: str = "auto",
@@ -420,7 +424,9 @@ class ImageIndex:
         manifest = Manifest(
             encoder_id, checkpoint_digest, int(embeddings.shape[1]), len(metadata), resolved, params=params
         )
-        built = cls(manifest, embeddings, list(metadata), index)
+        # A JsonlRows (rows of a file, parsed when read) is kept as is: no 10M dicts in RAM.
+        rows = metadata if isinstance(metadata, JsonlRows) else list(metadata)
+        built = cls(manifest, embeddings, rows, index)
         if resolved != "flat" and len(metadata) > 1:
             built.manifest.recall = built.measure_recall()
         return built
@@ -468,9 +474,13 @@ class ImageIndex:
             shutil.rmtree(tmp)
         tmp.mkdir()
         np.save(tmp / "embeddings.npy", np.asarray(self.embeddings, dtype=np.float32), allow_pickle=False)
-        with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as f:
-            for row in self.metadata:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if isinstance(self.metadata, JsonlRows):  # already lines of JSON: copied, not re-parsed
+            with open(tmp / "metadata.jsonl", "wb") as f:
+                self.metadata.write_to(f)
+        else:
+            with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as f:
+                for row in self.metadata:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
         _faiss().write_index(self.faiss_index, str(tmp / "index.faiss"))
         self.manifest.files = {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES

@@ -17,7 +17,7 @@ import operator
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, BinaryIO, overload
 
 import numpy as np
 
@@ -64,6 +64,12 @@ class JsonlRows(Sequence[dict]):
     def __iter__(self) -> Iterator[dict]:
         for j in range(len(self)):
             yield self._row(j)
+
+    def write_to(self, f: BinaryIO) -> None:
+        """The file's bytes as mapped (not re-read from the path, which a writer may have
+        replaced since), so that saving a loaded index copies its metadata unparsed."""
+        for start in range(0, len(self._bytes), SCAN_CHUNK):
+            f.write(self._bytes[start : start + SCAN_CHUNK].tobytes())
 
     def _row(self, j: int) -> dict:
         raw = self._bytes[self._starts[j] : self._ends[j]].tobytes()

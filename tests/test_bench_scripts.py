@@ -65,3 +65,16 @@ def test_gpu_paper_config_tiny_runs_the_same_path_on_cpu(tmp_path):
     hours = data["cc3m_epoch_hours"]
     assert math.isclose(hours["total"], hours["feature_extraction"] + hours["training"])
     assert math.isclose(hours["training"], 3_300_000 / training["samples_per_s"] / 3600)
+
+
+def test_large_index_bench_builds_saves_loads_and_finds_rows(tmp_path, capsys):
+    bench = _load("large_index")
+    out = tmp_path / "large.json"
+    report = bench.main(["--n=3000", "--dim=32", "--clusters=64", "--queries=50", f"--json={out}"])
+    assert json.loads(out.read_text()) == report
+    assert report["params"]["nlist"] >= 1 and 0.5 <= report["recall_at_build"]["recall"] <= 1.0
+    assert report["search"]["rows_read"] == 50 * 10  # every hit's metadata row was parsed
+    assert report["digest_lookup"]["correct"] is True
+    for phase in ("build", "save", "load", "search", "digest_lookup"):
+        assert report[phase]["peak_anon_gib"] > 0, phase
+    assert "queries/s" in capsys.readouterr().out

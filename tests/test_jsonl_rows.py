@@ -97,3 +97,13 @@ def test_an_index_round_trips_captions_with_unicode_line_breaks(tmp_path):
     for r in rows:  # the loaded (lazy) and the built (list) index agree on every lookup
         assert loaded.row_of_digest(r["digest"]) == built.row_of_digest(r["digest"])
     assert loaded.row_of_digest(_digest(999)) is None is built.row_of_digest(_digest(999))
+    # Saving a loaded index copies the mapped metadata bytes (the built one re-serialises rows):
+    # the same rows either way, also after the original directory is replaced.
+    built.save(tmp_path / "again")
+    ImageIndex.build(emb[:2], rows[:2], "enc", "ckpt").save(tmp_path / "idx")
+    loaded.save(tmp_path / "copy")
+    assert (
+        list(ImageIndex.load(tmp_path / "copy").metadata)
+        == rows
+        == list(ImageIndex.load(tmp_path / "again").metadata)
+    )
