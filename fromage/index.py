@@ -33,11 +33,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
-from .jsonl_rows import JsonlRows
+from .jsonl_rows import ChainedRows, JsonlRows, row_of_digest, write_rows
+from .row_blocks import RowBlocks
 
 FORMAT_VERSION = 2
 """2 added `params` and `recall` to the manifest (and the `ivfpq` type); version 1 still loads."""
@@ -59,6 +60,8 @@ EXACT_CHUNK = 8_192
 (65,536 rows took ~1.4 GB), and the (Q, D) @ (D, chunk) product is still large enough for BLAS."""
 RECALL_QUERIES = 1_000
 RECALL_K = 10
+Rows: TypeAlias = np.ndarray | RowBlocks
+"""(N, D) float32 rows: an array, a read-only memmap, or the blocks of a grown index."""
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
@@ -76,7 +79,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
-    """FAISS build settings (`nlist`, `pq_bytes`, `train_rows`) and search settings (`nprobe`;
+    """FAISS build settings (`nlist`, `pq_bytes`, `train_rows`, and `trained_for`: the rows there
+    were when the lists were trained) and search settings (`nprobe`;
     `rerank`: candidates re-scored exactly per wanted result, 0 = none)."""
     recall: dict[str, float] | None = None
     """`{"k", "queries", "recall"}`: recall@k against exact search, measured at build on
@@ -101,7 +105,7 @@ def _faiss() -> Any:
 
 
 def build_faiss(
-    embeddings: np.ndarray,
+    embeddings: Rows,
     index_type: str = "auto",
     *,
     nlist: int | None = None,
@@ -119,8 +123,7 @@ def build_faiss(
     `ivfpq` only (None = a default derived from N and D, see `_ivfpq`)."""
     faiss = _faiss()
     n, dim = embeddings.shape
-    if index_type == "auto":
-        index_type = "flat" if n <= EXACT_LIMIT else "hnsw" if n <= HNSW_LIMIT else "ivfpq"
+    index_type = resolve_type(index_type, n)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     given = {
@@ -147,7 +150,7 @@ def build_faiss(
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
         index.train(np.ascontiguousarray(embeddings, dtype=np.float32))
         index.nprobe = min(lists, max(16, lists // 16))
-        params = {"nlist": lists, "nprobe": int(index.nprobe)}
+        params = {"nlist": lists, "nprobe": int(index.nprobe), "trained_for": n}
     elif index_type == "ivfpq":
         index, params = _ivfpq(embeddings, nlist, pq_bytes, nprobe, train_rows, rerank, seed)
     else:
@@ -160,8 +163,15 @@ def build_faiss(
     return index, index_type, params
 
 
+def resolve_type(index_type: str, n: int) -> str:
+    """`auto` → the type built for `n` rows; any other name is returned as is."""
+    if index_type != "auto":
+        return index_type
+    return "flat" if n <= EXACT_LIMIT else "hnsw" if n <= HNSW_LIMIT else "ivfpq"
+
+
 def _ivfpq(
-    embeddings: np.ndarray,
+    embeddings: Rows,
     nlist: int | None,
     pq_bytes: int | None,
     nprobe: int | None,
@@ -211,6 +221,7 @@ def _ivfpq(
         "train_rows": train_rows,
         "nprobe": nprobe,
         "rerank": rerank,
+        "trained_for": n,
     }
 
 
@@ -233,7 +244,7 @@ def _blas_distances(faiss: Any) -> Iterator[None]:
 
 
 def approximate_search(
-    faiss_index: Any, embeddings: np.ndarray, queries: np.ndarray, k: int, rerank: int = 0
+    faiss_index: Any, embeddings: Rows, queries: np.ndarray, k: int, rerank: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """(Q, D) float32 queries → (Q, k) scores and ids from FAISS, best first (-1 = none).
     With `rerank` > 0, FAISS proposes `rerank * k` candidates that are re-scored exactly
@@ -248,7 +259,7 @@ def approximate_search(
 
 
 def rescore(
-    embeddings: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int, block: int = 32
+    embeddings: Rows, queries: np.ndarray, candidates: np.ndarray, k: int, block: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact re-ranking: (Q, D) queries and (Q, R) candidate rows (-1 = none) → the k best
     (Q, k) scores and rows by exact inner product, best first; ties keep candidate order."""
@@ -269,7 +280,7 @@ def rescore(
 
 
 def exact_search(
-    embeddings: np.ndarray, queries: np.ndarray, k: int, chunk_rows: int = EXACT_CHUNK
+    embeddings: Rows, queries: np.ndarray, k: int, chunk_rows: int = EXACT_CHUNK
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute force over row chunks (bounded memory for a memmap of any length): the same
     top-k as `brute_force_search` up to the order of tied scores. Peak temporary memory is
@@ -297,7 +308,7 @@ def exact_search(
 
 def measure_recall(
     search: SearchFn,
-    embeddings: np.ndarray,
+    embeddings: Rows,
     queries: np.ndarray,
     k: int = RECALL_K,
     query_rows: np.ndarray | None = None,
@@ -377,9 +388,7 @@ class ImageIndex:
     """A loaded (or freshly built) index: `search` returns scores and row numbers; `metadata[i]`
     describes row i (a list when built here, `JsonlRows` read from the file when loaded)."""
 
-    def __init__(
-        self, manifest: Manifest, embeddings: np.ndarray, metadata: Sequence[dict], faiss_index: Any
-    ):
+    def __init__(self, manifest: Manifest, embeddings: Rows, metadata: Sequence[dict], faiss_index: Any):
         self.manifest = manifest
         self.embeddings = embeddings
         self.metadata = metadata
@@ -388,22 +397,16 @@ class ImageIndex:
     def __len__(self) -> int:
         return self.manifest.count
 
-    @property
-    def digests(self) -> set[str]:
-        return {m["digest"] for m in self.metadata if m.get("digest")}
-
     def row_of_digest(self, digest: str) -> int | None:
         """The first row holding the image with this digest (`data.digest.file_digest`), or None."""
-        if isinstance(self.metadata, JsonlRows):
-            return self.metadata.row_of_digest(digest)  # a table of digest prefixes, built once
-        return next((row for row, m in enumerate(self.metadata) if m.get("digest") == digest), None)
+        return row_of_digest(self.metadata, digest)
 
     # ------------------------------------------------------------------ build / save
 
     @classmethod
     def build(
         cls,
-        embeddings: np.ndarray,
+        embeddings: Rows,
         metadata: Sequence[dict],
         encoder_id: str,
         checkpoint_digest: str,
@@ -413,19 +416,20 @@ class ImageIndex:
         """Index these rows. `embeddings` may be a read-only memmap of an `.npy` file: it is
         read in chunks, never copied whole (see `build_faiss`; `options` are its keyword
         settings for `ivfpq`). An approximate index measures its recall here (`recall`)."""
-        embeddings = np.asarray(embeddings)  # a memmap stays a view of its file
-        if embeddings.ndim != 2:
-            raise ValueError(f"embeddings must be (N, D), got shape {embeddings.shape}")
-        if embeddings.dtype != np.float32 or not embeddings.flags.c_contiguous:
-            embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if not isinstance(embeddings, RowBlocks):
+            embeddings = np.asarray(embeddings)  # a memmap stays a view of its file
+            if embeddings.ndim != 2:
+                raise ValueError(f"embeddings must be (N, D), got shape {embeddings.shape}")
+            if embeddings.dtype != np.float32 or not embeddings.flags.c_contiguous:
+                embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if len(metadata) != embeddings.shape[0]:
             raise ValueError(f"{embeddings.shape[0]} embeddings but {len(metadata)} metadata rows")
         index, resolved, params = build_faiss(embeddings, index_type, **(options or {}))
         manifest = Manifest(
             encoder_id, checkpoint_digest, int(embeddings.shape[1]), len(metadata), resolved, params=params
         )
-        # A JsonlRows (rows of a file, parsed when read) is kept as is: no 10M dicts in RAM.
-        rows = metadata if isinstance(metadata, JsonlRows) else list(metadata)
+        # Rows of a file (parsed when read) are kept as they are: no 10M dicts in RAM.
+        rows = metadata if isinstance(metadata, (JsonlRows, ChainedRows)) else list(metadata)
         built = cls(manifest, embeddings, rows, index)
         if resolved != "flat" and len(metadata) > 1:
             built.manifest.recall = built.measure_recall()
@@ -443,24 +447,52 @@ class ImageIndex:
         return {"k": k, "queries": len(rows), "recall": round(recall, 4)}
 
     def extend(
-        self, embeddings: np.ndarray, metadata: list[dict], index_type: str | None = None
+        self, embeddings: np.ndarray, metadata: Sequence[dict], index_type: str | None = None
     ) -> ImageIndex:
-        """A new index with these rows appended (the FAISS index is rebuilt over all rows, which
-        are copied into RAM: for collections of millions, build once from a memmap instead)."""
-        if embeddings.shape[1:] != (self.manifest.dim,) and len(embeddings):
-            raise ValueError(f"new embeddings have dim {embeddings.shape[1]}, index has {self.manifest.dim}")
-        rows = (
-            np.concatenate([np.asarray(self.embeddings), embeddings.astype(np.float32)])
-            if len(embeddings)
-            else self.embeddings
-        )
-        return ImageIndex.build(
-            np.asarray(rows),
-            [*self.metadata, *metadata],
+        """A new index with these rows appended; this one is left as it was.
+
+        Nothing already indexed is copied: the rows become `RowBlocks` (the saved matrix, then
+        the new rows) and the metadata `ChainedRows`; `save` streams both to disk. The new
+        rows are added to a copy of the FAISS index (the loaded one may be memory-mapped,
+        read-only), so growing an index of millions costs its compressed codes in RAM, not its
+        float32 rows. The index is rebuilt over all rows instead when the type changes (given,
+        or `auto` outgrowing `flat`), or when an `ivf`/`ivfpq` index would hold more than
+        twice the rows its lists were trained for (new images far from the old centroids would
+        crowd a few lists). Recall is measured again either way."""
+        dim = self.manifest.dim
+        new = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if len(new) and new.shape[1:] != (dim,):
+            raise ValueError(f"new embeddings have shape {new.shape}, the index holds rows of dim {dim}")
+        if len(new) != len(metadata):
+            raise ValueError(f"{len(new)} new embeddings but {len(metadata)} metadata rows")
+        new = new.reshape(-1, dim)
+        rows = RowBlocks([self.embeddings, new])
+        meta = ChainedRows([self.metadata, list(metadata)])
+        total = len(self) + len(new)
+        current = self.manifest.index_type
+        wanted = resolve_type(index_type or ("auto" if current == "flat" else current), total)
+        trained_for = int(self.manifest.params.get("trained_for", len(self)))
+        if wanted != current or (current in ("ivf", "ivfpq") and total > 2 * trained_for):
+            options = None  # a rebuild derives its settings from the new size
+            return ImageIndex.build(
+                rows, meta, self.manifest.encoder_id, self.manifest.checkpoint_digest, wanted, options
+            )
+        faiss = _faiss()
+        grown = faiss.deserialize_index(faiss.serialize_index(self.faiss_index))  # (a copy in RAM)
+        for start in range(0, len(new), ADD_CHUNK):
+            grown.add(new[start : start + ADD_CHUNK])
+        manifest = Manifest(
             self.manifest.encoder_id,
             self.manifest.checkpoint_digest,
-            index_type or ("auto" if self.manifest.index_type == "flat" else self.manifest.index_type),
+            dim,
+            total,
+            current,
+            params=dict(self.manifest.params),
         )
+        extended = ImageIndex(manifest, rows, meta, grown)
+        if current != "flat" and total > 1:
+            extended.manifest.recall = extended.measure_recall()
+        return extended
 
     def save(self, directory: str | Path) -> Path:
         """Write atomically: a complete temporary directory replaces `directory`. Every file's
@@ -473,14 +505,9 @@ class ImageIndex:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        np.save(tmp / "embeddings.npy", np.asarray(self.embeddings, dtype=np.float32), allow_pickle=False)
-        if isinstance(self.metadata, JsonlRows):  # already lines of JSON: copied, not re-parsed
-            with open(tmp / "metadata.jsonl", "wb") as f:
-                self.metadata.write_to(f)
-        else:
-            with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as f:
-                for row in self.metadata:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        _write_rows(tmp / "embeddings.npy", self.embeddings)
+        with open(tmp / "metadata.jsonl", "wb") as f:
+            write_rows(self.metadata, f)
         _faiss().write_index(self.faiss_index, str(tmp / "index.faiss"))
         self.manifest.files = {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES
@@ -626,6 +653,20 @@ class ImageIndex:
             for j, (s, i) in enumerate(kept):
                 out_s[q, j], out_i[q, j] = s, i
         return out_s, out_i
+
+
+def _write_rows(path: Path, rows: np.ndarray | RowBlocks) -> None:
+    """(N, D) float32 rows to an `.npy` file, `ADD_CHUNK` rows at a time: a memmap or
+    `RowBlocks` of any length is written without being loaded whole."""
+    n, dim = rows.shape
+    if n == 0:
+        np.save(path, np.zeros((0, dim), np.float32), allow_pickle=False)
+        return
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    for start in range(0, n, ADD_CHUNK):
+        out[start : start + ADD_CHUNK] = rows[start : start + ADD_CHUNK]
+    out.flush()
+    del out
 
 
 def brute_force_search(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -104,12 +104,14 @@ def index_collection(
     examples = list_source(source, image_dir, bad)
     with ThreadPoolExecutor(max_workers=4) as pool:
         digests = list(pool.map(_safe_digest, [e.image for e in examples]))
-    known = existing.digests if existing is not None else set()
+    # Already indexed: a lookup per image (the index's digest table), not a set of all N digests.
+    indexed = existing.row_of_digest if existing is not None else lambda _digest: None
+    known: set[str] = set()
     todo: list[tuple[Example, str]] = []
     for example, d in zip(examples, digests, strict=True):
         if d is None:
             bad.add("unreadable image", f"{example.image}: cannot read file")
-        elif d not in known:
+        elif d not in known and indexed(d) is None:
             known.add(d)  # the same picture twice in one source is indexed once
             todo.append((example, d))
     bad.check(max(len(examples), 1), max_bad_fraction)

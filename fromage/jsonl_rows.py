@@ -67,9 +67,12 @@ class JsonlRows(Sequence[dict]):
 
     def write_to(self, f: BinaryIO) -> None:
         """The file's bytes as mapped (not re-read from the path, which a writer may have
-        replaced since), so that saving a loaded index copies its metadata unparsed."""
+        replaced since), so that saving a loaded index copies its metadata unparsed. Ends
+        with a newline, so that rows written after it start a line of their own."""
         for start in range(0, len(self._bytes), SCAN_CHUNK):
             f.write(self._bytes[start : start + SCAN_CHUNK].tobytes())
+        if len(self._bytes) and self._bytes[-1] != 10:
+            f.write(b"\n")
 
     def _row(self, j: int) -> dict:
         raw = self._bytes[self._starts[j] : self._ends[j]].tobytes()
@@ -122,3 +125,66 @@ def _line_spans(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ends -= crlf
     keep = ends > starts
     return starts[keep], ends[keep]
+
+
+class ChainedRows(Sequence[dict]):
+    """Metadata of a grown index: the rows of `parts` one after another (a loaded index's
+    `JsonlRows`, then lists of added rows), none of them parsed or copied to chain them."""
+
+    def __init__(self, parts: Sequence[Sequence[dict]]):
+        self.parts: list[Sequence[dict]] = []
+        for part in parts:  # chains of chains stay one level deep
+            self.parts.extend(part.parts if isinstance(part, ChainedRows) else [part])
+        self._bounds = np.cumsum([0] + [len(p) for p in self.parts])  # (P+1,) first row of each part
+
+    def __len__(self) -> int:
+        return int(self._bounds[-1])
+
+    @overload
+    def __getitem__(self, i: int) -> dict: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[dict]: ...
+
+    def __getitem__(self, i: int | slice) -> dict | list[dict]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        j = operator.index(i)
+        if j < 0:
+            j += len(self)
+        if not 0 <= j < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
+        part = int(np.searchsorted(self._bounds, j, side="right")) - 1
+        return self.parts[part][j - int(self._bounds[part])]
+
+    def __iter__(self) -> Iterator[dict]:
+        for part in self.parts:
+            yield from part
+
+    def row_of_digest(self, digest: str) -> int | None:
+        for part, first in zip(self.parts, self._bounds, strict=False):
+            row = row_of_digest(part, digest)
+            if row is not None:
+                return int(first) + row
+        return None
+
+    def write_to(self, f: BinaryIO) -> None:
+        for part in self.parts:
+            write_rows(part, f)
+
+
+def row_of_digest(rows: Sequence[dict], digest: str) -> int | None:
+    """The first row of `rows` whose "digest" is `digest`, or None: by the digest table of a
+    `JsonlRows` or `ChainedRows`, by a scan of anything else (rows built in memory)."""
+    if isinstance(rows, (JsonlRows, ChainedRows)):
+        return rows.row_of_digest(digest)
+    return next((row for row, m in enumerate(rows) if m.get("digest") == digest), None)
+
+
+def write_rows(rows: Sequence[dict], f: BinaryIO) -> None:
+    """`rows` as JSON lines; the bytes of file-backed rows are copied, not re-serialised."""
+    if isinstance(rows, (JsonlRows, ChainedRows)):
+        rows.write_to(f)
+        return
+    for row in rows:
+        f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
