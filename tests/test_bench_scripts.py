@@ -70,11 +70,14 @@ def test_gpu_paper_config_tiny_runs_the_same_path_on_cpu(tmp_path):
 def test_large_index_bench_builds_saves_loads_and_finds_rows(tmp_path, capsys):
     bench = _load("large_index")
     out = tmp_path / "large.json"
-    report = bench.main(["--n=3000", "--dim=32", "--clusters=64", "--queries=50", f"--json={out}"])
+    argv = ["--n=3000", "--dim=32", "--clusters=64", "--queries=50", "--grow=200", f"--json={out}"]
+    report = bench.main(argv)
     assert json.loads(out.read_text()) == report
     assert report["params"]["nlist"] >= 1 and 0.5 <= report["recall_at_build"]["recall"] <= 1.0
     assert report["search"]["rows_read"] == 50 * 10  # every hit's metadata row was parsed
     assert report["digest_lookup"]["correct"] is True
-    for phase in ("build", "save", "load", "search", "digest_lookup"):
+    for phase in ("build", "save", "load", "search", "digest_lookup", "grow"):
         assert report[phase]["peak_anon_gib"] > 0, phase
+    grow = report["grow"]
+    assert grow["count_after"] == 3200 and grow["new_row_found"] is True and grow["retrained"] is False
     assert "queries/s" in capsys.readouterr().out
