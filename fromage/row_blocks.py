@@ -41,7 +41,13 @@ class RowBlocks:
             start, stop, step = key.indices(len(self))
             if step != 1:
                 raise IndexError(f"RowBlocks takes slices with step 1, got step {step}")
-            return self[np.arange(start, max(start, stop))]
+            stop = max(start, stop)
+            pieces = []  # slices of the blocks the range overlaps: sequential reads of a memmap
+            for block, first, end in zip(self.blocks, self.bounds[:-1], self.bounds[1:], strict=True):
+                lo, hi = max(start, int(first)), min(stop, int(end))
+                if lo < hi:
+                    pieces.append(np.asarray(block[lo - first : hi - first], np.float32))
+            return np.concatenate(pieces) if pieces else np.zeros((0, self.shape[1]), np.float32)
         rows = np.asarray(key, np.int64)
         flat = rows.reshape(-1)
         if flat.size and (flat.min() < -len(self) or flat.max() >= len(self)):
