@@ -31,19 +31,12 @@ _HEX = np.full(256, 255, np.uint8)
 _HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
 
 
-class JsonlRows(Sequence[dict]):
-    """A read-only sequence of the JSON objects in `path`, one per non-empty line."""
+class _Rows(Sequence[dict]):
+    """Indexing shared by the row sequences here: ints (negative ones from the end) and
+    slices; a subclass gives `__len__` and `_row(j)` for 0 <= j < len."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        size = self.path.stat().st_size
-        self._bytes = np.memmap(self.path, np.uint8, "r") if size else np.zeros(0, np.uint8)
-        self._starts, self._ends = _line_spans(self._bytes)
-        self._digest_keys: np.ndarray | None = None  # (M,) uint64 digest prefixes, sorted
-        self._digest_rows: np.ndarray | None = None  # (M,) int64 rows, in the same order
-
-    def __len__(self) -> int:
-        return len(self._starts)
+    def _row(self, j: int) -> dict:
+        raise NotImplementedError
 
     @overload
     def __getitem__(self, i: int) -> dict: ...
@@ -58,8 +51,23 @@ class JsonlRows(Sequence[dict]):
         if j < 0:
             j += len(self)
         if not 0 <= j < len(self):
-            raise IndexError(f"row {i} of {len(self)} in {self.path}")
+            raise IndexError(f"row {i} of {len(self)}")
         return self._row(j)
+
+
+class JsonlRows(_Rows):
+    """A read-only sequence of the JSON objects in `path`, one per non-empty line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        self._bytes = np.memmap(self.path, np.uint8, "r") if size else np.zeros(0, np.uint8)
+        self._starts, self._ends = _line_spans(self._bytes)
+        self._digest_keys: np.ndarray | None = None  # (M,) uint64 digest prefixes, sorted
+        self._digest_rows: np.ndarray | None = None  # (M,) int64 rows, in the same order
+
+    def __len__(self) -> int:
+        return len(self._starts)
 
     def __iter__(self) -> Iterator[dict]:
         for j in range(len(self)):
@@ -127,7 +135,7 @@ def _line_spans(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts[keep], ends[keep]
 
 
-class ChainedRows(Sequence[dict]):
+class ChainedRows(_Rows):
     """Metadata of a grown index: the rows of `parts` one after another (a loaded index's
     `JsonlRows`, then lists of added rows), none of them parsed or copied to chain them."""
 
@@ -140,20 +148,7 @@ class ChainedRows(Sequence[dict]):
     def __len__(self) -> int:
         return int(self._bounds[-1])
 
-    @overload
-    def __getitem__(self, i: int) -> dict: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[dict]: ...
-
-    def __getitem__(self, i: int | slice) -> dict | list[dict]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        j = operator.index(i)
-        if j < 0:
-            j += len(self)
-        if not 0 <= j < len(self):
-            raise IndexError(f"row {i} of {len(self)}")
+    def _row(self, j: int) -> dict:
         part = int(np.searchsorted(self._bounds, j, side="right")) - 1
         return self.parts[part][j - int(self._bounds[part])]
 
