@@ -460,7 +460,7 @@ class ImageIndex:
         twice the rows its lists were trained for (new images far from the old centroids would
         crowd a few lists). Recall is measured again either way."""
         dim = self.manifest.dim
-        new = np.ascontiguousarray(embeddings, dtype=np.float32)
+        new = np.array(embeddings, dtype=np.float32, copy=True)  # the caller may reuse its buffer
         if len(new) and new.shape[1:] != (dim,):
             raise ValueError(f"new embeddings have shape {new.shape}, the index holds rows of dim {dim}")
         if len(new) != len(metadata):
@@ -473,9 +473,12 @@ class ImageIndex:
         wanted = resolve_type(index_type or ("auto" if current == "flat" else current), total)
         trained_for = int(self.manifest.params.get("trained_for", len(self)))
         if wanted != current or (current in ("ivf", "ivfpq") and total > 2 * trained_for):
-            options = None  # a rebuild derives its settings from the new size
+            # Sizes (lists, training sample, nprobe) are derived anew; the code size and the
+            # re-ranking depth an ivfpq index was given are kept.
+            kept = ("pq_bytes", "rerank") if wanted == current == "ivfpq" else ()
+            options = {name: int(self.manifest.params[name]) for name in kept if name in self.manifest.params}
             return ImageIndex.build(
-                rows, meta, self.manifest.encoder_id, self.manifest.checkpoint_digest, wanted, options
+                rows, meta, self.manifest.encoder_id, self.manifest.checkpoint_digest, wanted, options or None
             )
         faiss = _faiss()
         grown = faiss.deserialize_index(faiss.serialize_index(self.faiss_index))  # (a copy in RAM)
@@ -614,6 +617,12 @@ class ImageIndex:
                 f"{directory}: embeddings are {embeddings.shape}, manifest says ({manifest.count}, {manifest.dim})"
             )
         metadata = JsonlRows(directory / "metadata.jsonl")  # parsed row by row, when read
+        if verify:  # asked for every check: parse every row now, not when it is first read
+            try:
+                for _ in metadata:
+                    pass
+            except ValueError as error:
+                raise BadIndex(str(error)) from None
         if len(metadata) != manifest.count:
             raise BadIndex(f"{directory}: {len(metadata)} metadata rows, manifest says {manifest.count}")
         faiss = _faiss()
@@ -657,16 +666,18 @@ class ImageIndex:
 
 def _write_rows(path: Path, rows: np.ndarray | RowBlocks) -> None:
     """(N, D) float32 rows to an `.npy` file, `ADD_CHUNK` rows at a time: a memmap or
-    `RowBlocks` of any length is written without being loaded whole."""
+    `RowBlocks` of any length is written without being loaded whole. Plain writes, not a
+    writable memmap, so that a full disk raises OSError (through a mapping it is SIGBUS)."""
     n, dim = rows.shape
-    if n == 0:
-        np.save(path, np.zeros((0, dim), np.float32), allow_pickle=False)
-        return
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
-    for start in range(0, n, ADD_CHUNK):
-        out[start : start + ADD_CHUNK] = rows[start : start + ADD_CHUNK]
-    out.flush()
-    del out
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+        "fortran_order": False,
+        "shape": (n, dim),
+    }
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for start in range(0, n, ADD_CHUNK):
+            f.write(np.ascontiguousarray(rows[start : start + ADD_CHUNK], dtype="<f4").tobytes())
 
 
 def brute_force_search(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

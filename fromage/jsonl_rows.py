@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import operator
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, overload
@@ -26,9 +27,12 @@ SCAN_CHUNK = 64 << 20
 
 # The digest key as `json.dumps` writes it, then the first 16 hex digits of its value. Inside a
 # JSON string every quote is escaped, so this byte pattern only occurs as a real key.
-_DIGEST = re.compile(rb'"digest": "([0-9a-f]{16})')
+_DIGEST = re.compile(rb'"digest"\s*:\s*"([0-9a-fA-F]{16})')
 _HEX = np.full(256, 255, np.uint8)
 _HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+TABLE_CHUNK = 1 << 20
+"""Digests turned into table keys per step (bounds the (chunk, 16) temporaries to ~400 MB)."""
 
 
 class _Rows(Sequence[dict]):
@@ -65,6 +69,7 @@ class JsonlRows(_Rows):
         self._starts, self._ends = _line_spans(self._bytes)
         self._digest_keys: np.ndarray | None = None  # (M,) uint64 digest prefixes, sorted
         self._digest_rows: np.ndarray | None = None  # (M,) int64 rows, in the same order
+        self._table_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -87,21 +92,26 @@ class JsonlRows(_Rows):
         try:
             row = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{self.path}: line {j + 1} is not valid JSON ({error})") from None
+            raise ValueError(
+                f"{self.path}: row {j + 1} (byte {self._starts[j]}) is not valid JSON ({error})"
+            ) from None
         if not isinstance(row, dict):
-            raise ValueError(f"{self.path}: line {j + 1} is a JSON {type(row).__name__}, not an object")
+            raise ValueError(
+                f"{self.path}: row {j + 1} (byte {self._starts[j]}) is a JSON {type(row).__name__}, not an object"
+            )
         return row
 
     def row_of_digest(self, digest: str) -> int | None:
         """The first row whose "digest" is `digest`, or None. The first call scans the file
         once for digests (a regex over the mapped bytes) and keeps a sorted table of their
         64-bit prefixes (16 bytes per row); a lookup is then a binary search, confirmed by
-        parsing the candidate rows."""
-        if len(digest) < 16 or not all(c in "0123456789abcdef" for c in digest[:16]):
-            return None  # not a hex digest: no row was written with it
-        if self._digest_keys is None:
-            self._digest_keys, self._digest_rows = self._digest_table()
-        assert self._digest_rows is not None
+        parsing the candidate rows. A digest that is not hex is looked for row by row."""
+        if len(digest) < 16 or any(c not in "0123456789abcdefABCDEF" for c in digest[:16]):
+            return next((j for j, row in enumerate(self) if row.get("digest") == digest), None)
+        with self._table_lock:  # built once, even when two threads ask first
+            if self._digest_keys is None:
+                self._digest_keys, self._digest_rows = self._digest_table()
+        assert self._digest_keys is not None and self._digest_rows is not None
         key = np.uint64(int(digest[:16], 16))
         lo = int(np.searchsorted(self._digest_keys, key, side="left"))
         hi = int(np.searchsorted(self._digest_keys, key, side="right"))
@@ -112,17 +122,20 @@ class JsonlRows(_Rows):
 
     def _digest_table(self) -> tuple[np.ndarray, np.ndarray]:
         view: Any = memoryview(self._bytes) if len(self._bytes) else b""
-        at = np.fromiter((m.start(1) for m in _DIGEST.finditer(view)), np.int64)
-        nibbles = _HEX[self._bytes[at[:, None] + np.arange(16)]].astype(np.uint64)  # (M, 16)
-        keys = (nibbles << (np.arange(15, -1, -1, dtype=np.uint64) * np.uint64(4))).sum(1, dtype=np.uint64)
+        at = np.fromiter((m.start(1) for m in _DIGEST.finditer(view)), np.int64)  # (M,)
+        keys = np.empty(len(at), np.uint64)
+        shifts = np.arange(15, -1, -1, dtype=np.uint64) * np.uint64(4)
+        for s in range(0, len(at), TABLE_CHUNK):
+            nibbles = _HEX[self._bytes[at[s : s + TABLE_CHUNK, None] + np.arange(16)]].astype(np.uint64)
+            keys[s : s + TABLE_CHUNK] = (nibbles << shifts).sum(1, dtype=np.uint64)
         rows = np.searchsorted(self._starts, at, side="right") - 1  # the line each match is on
         order = np.lexsort((rows, keys))
         return keys[order], rows[order]
 
 
 def _line_spans(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) start and end byte offsets of the non-empty lines of `data` (a trailing \\r is not
-    part of a line)."""
+    """(N,) start and end byte offsets of the lines of `data` that are not blank (a trailing
+    \\r is not part of a line)."""
     size = len(data)
     breaks = [np.flatnonzero(data[s : s + SCAN_CHUNK] == 10) + s for s in range(0, size, SCAN_CHUNK)]
     newlines = np.concatenate([np.zeros(0, np.int64), *breaks]).astype(np.int64)
@@ -132,7 +145,14 @@ def _line_spans(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     crlf[crlf] = data[ends[crlf] - 1] == 13
     ends -= crlf
     keep = ends > starts
-    return starts[keep], ends[keep]
+    starts, ends = starts[keep], ends[keep]
+    # Lines of only spaces or tabs are not rows either; a row starts with "{", so only lines
+    # that do not are looked at (none, in a file `save` wrote).
+    odd = np.flatnonzero(data[starts] != ord("{")) if len(starts) else np.zeros(0, np.int64)
+    blank = [i for i in odd if not data[starts[i] : ends[i]].tobytes().strip()]
+    if blank:
+        starts, ends = np.delete(starts, blank), np.delete(ends, blank)
+    return starts, ends
 
 
 class ChainedRows(_Rows):

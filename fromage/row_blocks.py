@@ -19,9 +19,9 @@ class RowBlocks:
         flat: list[np.ndarray] = []
         for block in blocks:  # a RowBlocks of RowBlocks stays one level deep
             flat.extend(block.blocks if isinstance(block, RowBlocks) else [block])
-        dims = {b.shape[1] for b in flat}
-        if len(dims) != 1 or any(b.ndim != 2 for b in flat):
+        if not flat or any(b.ndim != 2 for b in flat) or len({b.shape[1] for b in flat}) != 1:
             raise ValueError(f"row blocks must be 2-d with one width, got {[b.shape for b in flat]}")
+        dims = {b.shape[1] for b in flat}
         self.blocks: list[np.ndarray] = [b for b in flat if len(b)] or flat[:1]
         self.bounds = np.cumsum([0] + [len(b) for b in self.blocks])  # (B+1,) first row of each block
         self.shape = (int(self.bounds[-1]), dims.pop())
@@ -50,8 +50,9 @@ class RowBlocks:
             return np.concatenate(pieces) if pieces else np.zeros((0, self.shape[1]), np.float32)
         rows = np.asarray(key, np.int64)
         flat = rows.reshape(-1)
-        if flat.size and (flat.min() < -len(self) or flat.max() >= len(self)):
-            raise IndexError(f"row {int(flat.max())} out of range for {len(self)} rows")
+        outside = flat[(flat < -len(self)) | (flat >= len(self))]
+        if outside.size:
+            raise IndexError(f"row {int(outside[0])} out of range for {len(self)} rows")
         flat = np.where(flat < 0, flat + len(self), flat)
         out = np.empty((len(flat), self.shape[1]), np.float32)
         which = np.searchsorted(self.bounds, flat, side="right") - 1  # the block of each row
@@ -62,5 +63,7 @@ class RowBlocks:
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """The whole matrix in RAM (what HNSW and IVF-Flat training take anyway)."""
+        if copy is False:
+            raise ValueError("RowBlocks are several arrays: one array of them is always a copy")
         whole = np.concatenate([np.asarray(b, np.float32) for b in self.blocks])
         return whole if dtype is None else whole.astype(dtype, copy=False)

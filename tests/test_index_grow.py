@@ -144,6 +144,28 @@ def test_an_index_is_rebuilt_when_it_outgrows_its_lists_or_its_type(tmp_path, mo
     assert flat.extend(data[80:300], _meta(220, start=80)).manifest.index_type == "hnsw"
 
 
+def test_extend_copies_the_new_rows_and_grows_hnsw_in_place(tmp_path):
+    data = _unit(500, seed=5)
+    index = ImageIndex.build(data[:400], _meta(400), "e", "c", "hnsw")
+    new = data[400:].copy()
+    grown = index.extend(new, _meta(100, start=400))
+    new[:] = 0  # the caller reuses its buffer: the index keeps what it was given
+    assert grown.manifest.index_type == "hnsw" and grown.faiss_index.ntotal == 500
+    np.testing.assert_array_equal(grown.embeddings[400:], data[400:])
+    _, ids = grown.search(data[400:], 1)
+    assert (ids[:, 0] == np.arange(400, 500)).mean() >= 0.95
+    assert index.faiss_index.ntotal == 400
+
+
+def test_a_rebuild_keeps_the_code_size_and_reranking_it_was_given():
+    data = _clustered(6_000)
+    options = {"nlist": 16, "pq_bytes": 4, "train_rows": 2_000, "rerank": 3}
+    small = ImageIndex.build(data[:2_000], _meta(2_000), "e", "c", "ivfpq", options)
+    rebuilt = small.extend(data[2_000:], _meta(4_000, start=2_000))
+    params = rebuilt.manifest.params
+    assert params["trained_for"] == 6_000 and params["pq_bytes"] == 4 and params["rerank"] == 3
+
+
 def test_extend_names_what_does_not_fit():
     index = ImageIndex.build(_unit(10), _meta(10), "e", "c", "flat")
     with pytest.raises(ValueError, match=r"shape \(2, 8\), the index holds rows of dim 16"):

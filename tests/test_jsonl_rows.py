@@ -44,7 +44,7 @@ def test_rows_match_parsing_every_line(tmp_path, monkeypatch, newline, chunk):
     path = tmp_path / "metadata.jsonl"
     _write(path, rows, newline)
     with path.open("ab") as f:
-        f.write(b"\n\n")  # blank lines are not rows
+        f.write(b"\n\n  \t \n \r\n")  # blank lines, and lines of spaces and tabs, are not rows
     lazy = JsonlRows(path)
     assert len(lazy) == 200
     assert list(lazy) == _naive(path) == rows
@@ -79,10 +79,45 @@ def test_a_broken_line_names_the_file_and_line(tmp_path):
     path.write_bytes(b'{"path": "a"}\n{"path": \n[1, 2]\n')
     rows = JsonlRows(path)
     assert rows[0] == {"path": "a"}
-    with pytest.raises(ValueError, match=r"m\.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"m\.jsonl: row 2 \(byte 14\) is not valid JSON"):
         rows[1]
-    with pytest.raises(ValueError, match=r"line 3 is a JSON list, not an object"):
+    with pytest.raises(ValueError, match=r"row 3 \(byte 24\) is a JSON list, not an object"):
         rows[2]
+
+
+def test_digests_are_found_whatever_the_json_spacing_or_hex_case(tmp_path):
+    """Metadata written by another tool (`jq -c`, upper-case hex, a non-hex id) is found just as
+    a list of the same rows finds it."""
+    upper = _digest(2).upper()
+    rows = [{"path": "a", "digest": _digest(1)}, {"path": "b", "digest": upper}, {"digest": "photo-7"}]
+    lines = [
+        json.dumps(rows[0], separators=(",", ":")),
+        f'{{"path" : "b" , "digest" :  "{upper}"}}',
+        json.dumps(rows[2]),
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    lazy = JsonlRows(tmp_path / "m.jsonl")
+    for digest in (_digest(1), upper, "photo-7", _digest(2), "photo-8"):
+        naive = next((i for i, r in enumerate(rows) if r["digest"] == digest), None)
+        assert lazy.row_of_digest(digest) == naive, digest
+
+
+def test_a_verified_load_parses_every_row(tmp_path):
+    from fromage.index import BadIndex
+
+    emb = np.eye(3, 8, dtype=np.float32)
+    ImageIndex.build(emb, _rows(3), "enc", "ckpt").save(tmp_path / "idx")
+    path = tmp_path / "idx" / "metadata.jsonl"
+    text = path.read_bytes()
+    path.write_bytes(text.replace(b'{"path": "img1.png"', b'{"path": "img1.png"]', 1)[: len(text)])
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    manifest["files"]["metadata.jsonl"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))  # a broken row, checksums agree
+    lazy = ImageIndex.load(tmp_path / "idx")  # found only when that row is read...
+    with pytest.raises(ValueError, match="row 2"):
+        lazy.metadata[1]
+    with pytest.raises(BadIndex, match="row 2 .* not valid JSON"):  # ...or at once, when verifying
+        ImageIndex.load(tmp_path / "idx", verify=True)
 
 
 def test_an_index_round_trips_captions_with_unicode_line_breaks(tmp_path):
