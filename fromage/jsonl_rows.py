@@ -31,6 +31,7 @@ _DIGEST = re.compile(rb'"digest"\s*:\s*"([0-9a-fA-F]{16})')
 _HEX = np.full(256, 255, np.uint8)
 _HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
 _HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+_KEY = np.frombuffer(b'"digest": "', np.uint8)  # as `json.dumps` writes it, before the value
 TABLE_CHUNK = 1 << 20
 """Digests turned into table keys per step (bounds the (chunk, 16) temporaries to ~400 MB)."""
 
@@ -121,8 +122,7 @@ class JsonlRows(_Rows):
         return None
 
     def _digest_table(self) -> tuple[np.ndarray, np.ndarray]:
-        view: Any = memoryview(self._bytes) if len(self._bytes) else b""
-        at = np.fromiter((m.start(1) for m in _DIGEST.finditer(view)), np.int64)  # (M,)
+        at = self._digest_positions()  # (M,)
         keys = np.empty(len(at), np.uint64)
         shifts = np.arange(15, -1, -1, dtype=np.uint64) * np.uint64(4)
         for s in range(0, len(at), TABLE_CHUNK):
@@ -131,6 +131,34 @@ class JsonlRows(_Rows):
         rows = np.searchsorted(self._starts, at, side="right") - 1  # the line each match is on
         order = np.lexsort((rows, keys))
         return keys[order], rows[order]
+
+    def _digest_positions(self) -> np.ndarray:
+        """(M,) byte offsets of the first hex digit of every "digest" value. The lines `save`
+        writes end with `"digest": "<40 hex digits>"}`: numpy checks that for all lines at
+        once (~1 s for 10M rows; the regex alone took ~18 s). Lines that end otherwise are
+        searched with the regex (`_digest_positions_by_regex`, the naive twin)."""
+        data, found, others = self._bytes, [], []
+        for s in range(0, len(self), TABLE_CHUNK):
+            starts, ends = self._starts[s : s + TABLE_CHUNK], self._ends[s : s + TABLE_CHUNK]
+            at = ends - 42  # 40 hex digits, then '"}'
+            fits = at - len(_KEY) >= starts
+            good = np.zeros(len(at), bool)
+            if fits.any():
+                a = at[fits]
+                key = (data[(a - len(_KEY))[:, None] + np.arange(len(_KEY))] == _KEY).all(1)
+                hexes = (_HEX[data[a[:, None] + np.arange(40)]] < 16).all(1)
+                close = (data[a + 40] == ord('"')) & (data[a + 41] == ord("}"))
+                good[fits] = key & hexes & close
+            found.append(at[good])
+            others.extend((s + np.flatnonzero(~good)).tolist())
+        for j in others:
+            line: Any = memoryview(data[self._starts[j] : self._ends[j]])
+            found.append(np.array([self._starts[j] + m.start(1) for m in _DIGEST.finditer(line)], np.int64))
+        return np.sort(np.concatenate([np.zeros(0, np.int64), *found]))
+
+    def _digest_positions_by_regex(self) -> np.ndarray:
+        view: Any = memoryview(self._bytes) if len(self._bytes) else b""
+        return np.fromiter((m.start(1) for m in _DIGEST.finditer(view)), np.int64)
 
 
 def _line_spans(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

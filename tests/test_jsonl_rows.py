@@ -102,6 +102,23 @@ def test_digests_are_found_whatever_the_json_spacing_or_hex_case(tmp_path):
         assert lazy.row_of_digest(digest) == naive, digest
 
 
+def test_the_vectorised_digest_scan_finds_what_the_regex_finds(tmp_path, monkeypatch):
+    rows = _rows(500, seed=3)
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    lines[3] = json.dumps(rows[3], separators=(",", ":"))  # compact: not the tail `save` writes
+    lines[9] = json.dumps({"digest": rows[9]["digest"], "path": "first"})  # digest not last
+    lines[17] = json.dumps({"path": "x", "nested": {"digest": _digest(5)}})  # ends in "}}"
+    lines[21] = json.dumps({"path": "x", "digest": rows[21]["digest"].upper()})
+    lines[30] = json.dumps({"path": "x", "digest": "zz" + rows[30]["digest"][2:]})  # not hex
+    lines[44] = json.dumps({"digest": _digest(1)[:16] + "-short"})  # 16 hex digits, then not
+    (tmp_path / "m.jsonl").write_text("\r\n".join(lines) + "\n")
+    monkeypatch.setattr(jsonl_rows, "TABLE_CHUNK", 64)  # lines in several chunks
+    lazy = JsonlRows(tmp_path / "m.jsonl")
+    fast, naive = lazy._digest_positions(), lazy._digest_positions_by_regex()
+    assert len(naive) == 500 - 1  # row 30's value is not hex
+    np.testing.assert_array_equal(fast, naive)
+
+
 def test_a_verified_load_parses_every_row(tmp_path):
     from fromage.index import BadIndex
 
