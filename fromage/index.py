@@ -194,7 +194,7 @@ def _ivfpq(
     pq_bytes = pq_bytes if pq_bytes is not None else _default_pq_bytes(dim)
     train_rows = train_rows if train_rows is not None else min(n, max(32 * nlist, 256 * 40))
     nprobe = nprobe if nprobe is not None else min(nlist, max(8, nlist // 64))
-    rerank = rerank if rerank is not None else 10 if n <= 2_000_000 else 20
+    rerank = rerank if rerank is not None else _default_rerank(n)
     if not 1 <= nlist <= n:
         raise ValueError(f"ivfpq needs 1 <= nlist <= rows; got nlist {nlist} for {n} rows")
     if pq_bytes < 1 or dim % pq_bytes:
@@ -225,6 +225,11 @@ def _ivfpq(
         "rerank": rerank,
         "trained_for": n,
     }
+
+
+def _default_rerank(n: int) -> int:
+    """Candidates re-scored exactly per wanted result (see `_ivfpq`)."""
+    return 10 if n <= 2_000_000 else 20
 
 
 def _default_pq_bytes(dim: int) -> int:
@@ -475,10 +480,16 @@ class ImageIndex:
         wanted = resolve_type(index_type or ("auto" if current == "flat" else current), total)
         trained_for = int(self.manifest.params.get("trained_for", len(self)))
         if wanted != current or (current in ("ivf", "ivfpq") and total > 2 * trained_for):
-            # Sizes (lists, training sample, nprobe) are derived anew; the code size and the
-            # re-ranking depth an ivfpq index was given are kept.
-            kept = ("pq_bytes", "rerank") if wanted == current == "ivfpq" else ()
-            options = {name: int(self.manifest.params[name]) for name in kept if name in self.manifest.params}
+            # Settings derived from the size are derived anew; a code size or re-ranking depth
+            # that an ivfpq index was given (not its default then) is kept.
+            options = {}
+            if wanted == current == "ivfpq":
+                defaults = {"pq_bytes": _default_pq_bytes(dim), "rerank": _default_rerank(trained_for)}
+                options = {
+                    name: int(self.manifest.params[name])
+                    for name, default in defaults.items()
+                    if self.manifest.params.get(name, default) != default
+                }
             return ImageIndex.build(
                 rows, meta, self.manifest.encoder_id, self.manifest.checkpoint_digest, wanted, options or None
             )

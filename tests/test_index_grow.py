@@ -157,13 +157,19 @@ def test_extend_copies_the_new_rows_and_grows_hnsw_in_place(tmp_path):
     assert index.faiss_index.ntotal == 400
 
 
-def test_a_rebuild_keeps_the_code_size_and_reranking_it_was_given():
+def test_a_rebuild_keeps_settings_it_was_given_and_rederives_defaults(monkeypatch):
+    # Re-ranking depth by size, as above 2M rows by default, with the threshold at 3,000 rows.
+    monkeypatch.setattr(index_module, "_default_rerank", lambda n: 10 if n <= 3_000 else 20)
     data = _clustered(6_000)
-    options = {"nlist": 16, "pq_bytes": 4, "train_rows": 2_000, "rerank": 3}
-    small = ImageIndex.build(data[:2_000], _meta(2_000), "e", "c", "ivfpq", options)
-    rebuilt = small.extend(data[2_000:], _meta(4_000, start=2_000))
-    params = rebuilt.manifest.params
-    assert params["trained_for"] == 6_000 and params["pq_bytes"] == 4 and params["rerank"] == 3
+    sizes = {"nlist": 16, "train_rows": 2_000}
+    given = ImageIndex.build(
+        data[:2_000], _meta(2_000), "e", "c", "ivfpq", {**sizes, "pq_bytes": 2, "rerank": 3}
+    )
+    default = ImageIndex.build(data[:2_000], _meta(2_000), "e", "c", "ivfpq", sizes)
+    assert default.manifest.params["rerank"] == 10 and default.manifest.params["pq_bytes"] == 8
+    for index, pq_bytes, rerank in ((given, 2, 3), (default, 8, 20)):
+        params = index.extend(data[2_000:], _meta(4_000, start=2_000)).manifest.params
+        assert (params["trained_for"], params["pq_bytes"], params["rerank"]) == (6_000, pq_bytes, rerank)
 
 
 def test_extend_names_what_does_not_fit():
