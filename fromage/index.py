@@ -351,7 +351,7 @@ def _leftovers(directory: Path) -> list[tuple[str, int, Path]]:
     return out
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -364,7 +364,7 @@ def _alive(pid: int) -> bool:
 
 
 def _live_writers(directory: Path) -> bool:
-    return any(_alive(pid) for _, pid, _ in _leftovers(directory))
+    return any(pid_alive(pid) for _, pid, _ in _leftovers(directory))
 
 
 def recover(directory: str | Path) -> bool:
@@ -376,7 +376,7 @@ def recover(directory: str | Path) -> bool:
     manifest), else the old one; the rest is deleted. Live writers' temporaries are left
     alone (their rename is microseconds away)."""
     directory = Path(directory)
-    dead = [(kind, path) for kind, pid, path in _leftovers(directory) if not _alive(pid)]
+    dead = [(kind, path) for kind, pid, path in _leftovers(directory) if not pid_alive(pid)]
     if not directory.exists():
         # Newest version first: a complete `tmp` is newer than any `old`.
         for _, path in sorted(dead, key=lambda kp: (kp[0] != "tmp", -kp[1].stat().st_mtime)):
@@ -467,7 +467,14 @@ class ImageIndex:
         twice the rows its lists were trained for (new images far from the old centroids would
         crowd a few lists). Recall is measured again either way."""
         dim = self.manifest.dim
-        new = np.array(embeddings, dtype=np.float32, copy=True)  # the caller may reuse its buffer
+        if (
+            isinstance(embeddings, np.memmap)
+            and not embeddings.flags.writeable
+            and embeddings.dtype == np.float32
+        ):
+            new = embeddings  # a read-only file mapping (`fromage index`'s new rows): kept, not loaded
+        else:
+            new = np.array(embeddings, dtype=np.float32, copy=True)  # the caller may reuse its buffer
         if len(new) and new.shape[1:] != (dim,):
             raise ValueError(f"new embeddings have shape {new.shape}, the index holds rows of dim {dim}")
         if len(new) != len(metadata):
@@ -496,7 +503,7 @@ class ImageIndex:
         faiss = _faiss()
         grown = faiss.deserialize_index(faiss.serialize_index(self.faiss_index))  # (a copy in RAM)
         for start in range(0, len(new), ADD_CHUNK):
-            grown.add(new[start : start + ADD_CHUNK])
+            grown.add(np.ascontiguousarray(new[start : start + ADD_CHUNK]))
         manifest = Manifest(
             self.manifest.encoder_id,
             self.manifest.checkpoint_digest,

@@ -11,6 +11,8 @@ progress bar).
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,13 +26,17 @@ from .data.digest import file_digest
 from .data.examples import Example
 from .data.readers import BadInputLog, read_collection
 from .data.shards import is_shard_source, read_shards
-from .index import BadIndex, ImageIndex, recover
+from .index import BadIndex, ImageIndex, pid_alive, recover
+from .jsonl_rows import JsonlRows, write_rows
 
 if TYPE_CHECKING:
     from .model import FromageModel
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 BUILTIN = ("emoji-google", "emoji-twitter", "easyvqa-train", "easyvqa-test")
+BLOCK = 50_000
+"""New images embedded per step by `fromage index`: RAM holds one block's frozen features
+(50,000 × 1,280 floats = 256 MB for EfficientNet-Lite0), not the collection's."""
 
 
 @dataclass
@@ -98,6 +104,7 @@ def index_collection(
     digest = checkpoint_digest(checkpoint_dir)
     existing = None
     recover(out_dir)  # a run killed mid-save leaves the old (or new) version to put back
+    _clear_dead_scratch(out_dir)
     if (out_dir / "manifest.json").exists():
         existing = ImageIndex.load(out_dir, checkpoint_digest=digest)
     bad = BadInputLog()
@@ -119,9 +126,7 @@ def index_collection(
     index = existing
     if todo:
         # torch and the model load only when something is new (an up-to-date re-run takes ~1 s).
-        from .data.dataset import extract_features
         from .model import FromageModel
-        from .validation import embed_images
 
         model = model or FromageModel.from_pretrained(checkpoint_dir, device=device).eval()
         if model.encoder is None:
@@ -135,19 +140,30 @@ def index_collection(
                 f"{out_dir}: index built with encoder {existing.manifest.encoder_id!r} and dimension "
                 f"{existing.manifest.dim}, this model has {encoder_id!r} and {model.config.retrieval_dim}"
             )
-        split = extract_features([e for e, _ in todo], model.encoder, bad, desc="index features")
-        bad.check(max(len(examples), 1), max_bad_fraction)
-        embeddings = embed_images(model, split.features[0]).numpy().astype(np.float32)
-        digest_of = {e.image: d for e, d in todo}
-        metadata = [
-            {"path": e.image, "caption": e.caption, "digest": digest_of[e.image]} for e in split.examples
-        ]
-        if existing is None:
-            index = ImageIndex.build(embeddings, metadata, encoder_id, digest, index_type)
-        else:
-            index = existing.extend(embeddings, metadata, None if index_type == "auto" else index_type)
-        index.save(out_dir)
-        added = len(metadata)
+        # New images are embedded BLOCK at a time into a scratch directory beside the index:
+        # RAM holds one block's frozen features, whatever the collection's size, and the
+        # index is then built or grown from the mapped rows (index.py streams them).
+        scratch = out_dir.parent / f".{out_dir.name}.adding-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        try:
+            added = _embed_in_blocks(todo, model, bad, scratch)
+            bad.check(max(len(examples), 1), max_bad_fraction)
+            if added == 0 and existing is None:
+                raise ValueError(f"index source {source!r} holds no readable image")
+            if added:
+                shape = (added, model.config.retrieval_dim)
+                embeddings = np.memmap(scratch / "rows.f32", np.float32, "r", shape=shape)
+                metadata = JsonlRows(scratch / "metadata.jsonl")
+                if existing is None:
+                    index = ImageIndex.build(embeddings, metadata, encoder_id, digest, index_type)
+                else:
+                    index = existing.extend(
+                        embeddings, metadata, None if index_type == "auto" else index_type
+                    )
+                index.save(out_dir)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     elif existing is None:
         raise ValueError(f"index source {source!r} holds no readable image")
     assert index is not None
@@ -160,6 +176,47 @@ def index_collection(
         time.time() - start,
         index.manifest.recall,
     )
+
+
+def _embed_in_blocks(
+    todo: list[tuple[Example, str]], model: FromageModel, bad: BadInputLog, scratch: Path
+) -> int:
+    """Embed the images of `todo` BLOCK at a time, appending (n, d) float32 rows to
+    `scratch/rows.f32` and their metadata lines to `scratch/metadata.jsonl`; returns the rows
+    written (images that cannot be decoded are counted in `bad` and skipped)."""
+    from .data.dataset import extract_features
+    from .validation import embed_images
+
+    assert model.encoder is not None
+    written = 0
+    blocks = max(1, -(-len(todo) // BLOCK))
+    with open(scratch / "rows.f32", "wb") as rows, open(scratch / "metadata.jsonl", "wb") as meta:
+        for b in range(blocks):
+            block = todo[b * BLOCK : (b + 1) * BLOCK]
+            desc = "index features" if blocks == 1 else f"index features {b + 1}/{blocks}"
+            split = extract_features([e for e, _ in block], model.encoder, bad, desc=desc)
+            if not split.examples:
+                continue
+            embeddings = embed_images(model, split.features[0]).numpy().astype("<f4")
+            rows.write(embeddings.tobytes())
+            digest_of = {e.image: d for e, d in block}
+            write_rows(
+                [
+                    {"path": e.image, "caption": e.caption, "digest": digest_of[e.image]}
+                    for e in split.examples
+                ],
+                meta,
+            )
+            written += len(split.examples)
+    return written
+
+
+def _clear_dead_scratch(out_dir: Path) -> None:
+    """Scratch directories of `fromage index` runs that were killed (their process is gone)."""
+    for path in out_dir.parent.glob(f".{out_dir.name}.adding-*"):
+        pid = path.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _safe_digest(path: str) -> str | None:

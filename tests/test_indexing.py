@@ -73,3 +73,35 @@ def test_unreadable_images_are_counted_and_limit_enforced(trained, tiny_world, t
     assert not (tmp_path / "idx").exists()  # nothing half-written
     report = index_collection(str(folder), ckpt, tmp_path / "idx", max_bad_fraction=0.5)
     assert "1" in report.bad and report.total == len(list(folder.glob("*.png"))) - 1
+
+
+def test_indexing_in_small_blocks_gives_the_same_index(trained, tiny_world, tmp_path, monkeypatch):  # noqa: F811
+    """`fromage index` embeds new images BLOCK at a time into a scratch directory (bounded RAM
+    for any collection size): blocks of 5 give the rows and metadata of one whole block."""
+    from fromage import indexing
+
+    _, ckpt = trained
+    folder = tmp_path / "photos"
+    shutil.copytree(tiny_world / "images", folder, ignore=shutil.ignore_patterns("*.tsv"))
+    (folder / "broken.png").write_bytes(b"not an image")  # dropped from its block, counted as bad
+    whole = index_collection(str(folder), ckpt, tmp_path / "whole", max_bad_fraction=0.5)
+    monkeypatch.setattr(indexing, "BLOCK", 5)
+    blocks = index_collection(str(folder), ckpt, tmp_path / "blocks", max_bad_fraction=0.5)
+    assert whole.total == blocks.total == whole.added == len(list(folder.glob("*.png"))) - 1
+    a, b = ImageIndex.load(tmp_path / "whole"), ImageIndex.load(tmp_path / "blocks")
+    assert list(a.metadata) == list(b.metadata)
+    np.testing.assert_allclose(np.asarray(a.embeddings), np.asarray(b.embeddings), atol=1e-6)
+    assert not list(tmp_path.glob(".*adding-*"))  # the scratch directory is gone
+
+
+def test_a_killed_runs_scratch_is_cleared_and_a_live_ones_kept(trained, tiny_world, tmp_path):  # noqa: F811
+    import os
+
+    _, ckpt = trained
+    gone = tmp_path / ".idx.adding-999999999"  # no such process
+    live = tmp_path / f".idx.adding-{os.getppid()}"  # a running process (pytest's parent)
+    for path in (gone, live):
+        path.mkdir()
+        (path / "rows.f32").write_bytes(b"\0" * 64)
+    index_collection(str(tiny_world / "images" / "data.tsv"), ckpt, tmp_path / "idx")
+    assert not gone.exists() and live.exists()
