@@ -19,15 +19,15 @@ import time
 
 import torch
 
+from fromage.checkpoint import SHIPPED
 from fromage.data.builtin import EASYVQA_ANSWERS, easyvqa_images
-from fromage.demo import DEFAULT_CHECKPOINT
 from fromage.evaluate.engine import Evaluator
 from fromage.scoring import candidate_logprobs, candidate_logprobs_naive
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--checkpoint", default=str(SHIPPED))
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

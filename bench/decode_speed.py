@@ -23,9 +23,9 @@ import torch
 
 from fromage.backbones import load_lm
 from fromage.config import TrainConfig
-from fromage.data.collate import SpecialTokens
 from fromage.generate import GenerationConfig, decode
-from fromage.model import IMAGE_TOKEN_ID, FromageModel
+from fromage.model import FromageModel
+from fromage.tokens import IMAGE_TOKEN_ID, SpecialTokens
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64

@@ -12,7 +12,7 @@ Frozen weights in bf16, trained maps in fp32 under bf16 autocast, as `fromage tr
 Measures, in this order:
 1. feature extraction: CLIP ViT-L/14 images/s (the one-time encoder pass whose output the
    training loop reads from the feature cache);
-2. `--steps` training steps of `fromage.train.train_step` at batch `--batch` (captioning pass
+2. `--steps` training steps of `fromage.training.loop.train_step` at batch `--batch` (captioning pass
    with full backward into the visual-token map; retrieval pass whose frozen `[BOS] caption`
    prefix is computed per step without autograd — at CC3M scale the prefixes of 3.3M captions
    cannot be kept — and only `[RET]` runs with gradients), AdamW, clipping, `[RET]` rescale:
@@ -53,11 +53,11 @@ if str(ROOT) not in sys.path:
 
 from fromage.backbones import FrozenLM, build_hf_vision  # noqa: E402
 from fromage.config import ModelConfig, TrainConfig  # noqa: E402
-from fromage.data.collate import SpecialTokens  # noqa: E402
 from fromage.data.dataset import Split  # noqa: E402
 from fromage.generate import GenerationConfig, decode  # noqa: E402
 from fromage.model import FromageModel, TextPrefix  # noqa: E402
-from fromage.train import train_step  # noqa: E402
+from fromage.tokens import SpecialTokens  # noqa: E402
+from fromage.training.loop import train_step  # noqa: E402
 
 CC3M_PAIRS = 3_300_000
 H200_BF16_TFLOPS = 989.0
@@ -245,7 +245,7 @@ def _prefixes(
 
 def bench_generation(model: FromageModel, device: torch.device, new_tokens: int) -> float:
     """Tokens/s of `decode` with the KV cache: one image + a 32-token prompt, greedy, EOS never hit."""
-    from fromage.model import IMAGE_TOKEN_ID
+    from fromage.tokens import IMAGE_TOKEN_ID
 
     model.eval()
     rng = random.Random(1)

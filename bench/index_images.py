@@ -1,4 +1,4 @@
-"""Image indexing speed: `fromage.indexing.index_collection`, cold vs warm feature cache (issue #6).
+"""Image indexing speed: `fromage.apps.indexing.index_collection`, cold vs warm feature cache (issue #6).
 
     .venv/bin/python bench/index_images.py [--images 400] [--rounds 2] [--checkpoint DIR]
 
@@ -30,8 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fromage import paths  # noqa: E402
-
-DEFAULT_CHECKPOINT = ROOT / "fromage" / "weights" / "default"
+from fromage.checkpoint import SHIPPED  # noqa: E402
 
 
 def write_collection(path: Path, count: int) -> int:
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--checkpoint", default=str(SHIPPED))
     parser.add_argument("--json", default="", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, collection: Path, home: Path, work: Path) -> dict[str, Any]:
-    from fromage.indexing import index_collection
+    from fromage.apps.indexing import index_collection
     from fromage.model import FromageModel
 
     t0 = time.perf_counter()

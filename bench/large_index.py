@@ -36,8 +36,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from fromage.index import ImageIndex
-from fromage.jsonl_rows import JsonlRows
+from fromage.index.jsonl_rows import JsonlRows
+from fromage.index.store import ImageIndex
 
 sys.path.insert(0, str(Path(__file__).parent))
 from retrieval import PeakMemory, clustered  # noqa: E402  (a sibling bench script)

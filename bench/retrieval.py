@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 import torch
 
-from fromage.index import approximate_search, build_faiss, exact_search, measure_recall
+from fromage.index.store import approximate_search, build_faiss, exact_search, measure_recall
 
 K = 10
 
@@ -68,24 +68,27 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        fields = dict(
+            line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+        )
+        self.rss = max(self.rss, int(fields["VmRSS"].split()[0]) << 10)
+        self.anon = max(self.anon, int(fields["RssAnon"].split()[0]) << 10)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            fields = dict(
-                line.split(":", 1)
-                for line in Path("/proc/self/status").read_text().splitlines()
-                if ":" in line
-            )
-            self.rss = max(self.rss, int(fields["VmRSS"].split()[0]) << 10)
-            self.anon = max(self.anon, int(fields["RssAnon"].split()[0]) << 10)
+            self._sample()
             time.sleep(0.02)
 
     def __enter__(self) -> PeakMemory:
+        self._sample()  # a phase shorter than one period still gets a figure
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
 
 
 def numpy_brute(matrix: np.ndarray, queries: np.ndarray) -> np.ndarray:

@@ -28,10 +28,10 @@ import time
 import httpx
 import uvicorn
 
+from fromage.apps.serve import ServeConfig, create_app
+from fromage.checkpoint import SHIPPED
 from fromage.data.builtin import emoji_concepts
-from fromage.demo import DEFAULT_CHECKPOINT
 from fromage.pipeline import Fromage
-from fromage.serve import ServeConfig, create_app
 
 
 def free_port() -> int:
@@ -151,7 +151,7 @@ def report(label: str, r: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--index", required=True)
-    parser.add_argument("--model", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--model", default=str(SHIPPED))
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60.0)
     args = parser.parse_args()

@@ -9,7 +9,7 @@ which steps pack two captions per row), the same AdamW settings and precision. E
 runs in its own subprocess so that its peak RSS is its own; the subprocesses alternate for
 `--rounds` rounds (the machine is noisy) and the ratios are printed at the end.
 
-- **ours**: `fromage.train.train_step` as the loop runs it. Image features are encoded once and
+- **ours**: `fromage.training.loop.train_step` as the loop runs it. Image features are encoded once and
   the frozen `[BOS] caption` prefixes of the retrieval pass precomputed once: both one-time costs
   are timed and reported on their own, not hidden in the per-step rate.
 - **published** (kohjingyu/fromage `main.py` + `fromage/models.py`, re-created here as a
@@ -54,14 +54,15 @@ from fromage.backbones import FrozenImageEncoder, FrozenLM, load_encoder, load_l
 from fromage.backbones.lm import _find_final_norm  # noqa: E402
 from fromage.config import TrainConfig, embedded_recipe_model  # noqa: E402
 from fromage.data.builtin import easyvqa_examples, emoji_examples  # noqa: E402
-from fromage.data.collate import SpecialTokens, caption_batch, tokenize_captions  # noqa: E402
+from fromage.data.collate import caption_batch  # noqa: E402
 from fromage.data.dataset import extract_features  # noqa: E402
 from fromage.data.examples import Example  # noqa: E402
 from fromage.data.features import FeatureCache  # noqa: E402
+from fromage.data.images import load_image  # noqa: E402
 from fromage.data.readers import BadInputLog  # noqa: E402
-from fromage.images import load_image  # noqa: E402
-from fromage.model import IGNORE_INDEX, IMAGE_TOKEN_ID, FromageModel  # noqa: E402
-from fromage.train import precompute_prefixes, train_step  # noqa: E402
+from fromage.model import FromageModel  # noqa: E402
+from fromage.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID, SpecialTokens, tokenize_captions  # noqa: E402  # noqa: E402
+from fromage.training.loop import precompute_prefixes, train_step  # noqa: E402
 
 CONTENDERS = ("ours", "ours-ckpt", "published")
 """`ours-ckpt`: ours with `ModelConfig.activation_checkpointing` on (off in `ours`)."""

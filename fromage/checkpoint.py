@@ -1,80 +1,101 @@
-"""Checkpoints: a directory with `config.json` and `model.safetensors` holding only the
-trained tensors (the maps, `[RET]`, the temperature and the feature statistics).
+"""The checkpoint format: a directory with `config.json` (the model's config, plus a `_fromage`
+section with the training step and recipe) and `model.safetensors` holding only the trained
+tensors (the maps, `[RET]`, the temperature and the feature statistics).
+
+Importing this module costs no torch: indexing, feature extraction and evaluation read names,
+configs and digests from it without loading a model. torch and safetensors are imported inside
+the functions that read or write tensors.
 
 Loading rebuilds the frozen backbones from the names in the config, then checks the trained
 tensors' names and shapes exactly (no `strict=False`). Device and dtype are the caller's.
-Writes are atomic: a temporary name, fsync, rename.
+Writes are atomic (fileio.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import torch
-from safetensors.torch import load_file, save_file
+from .config import EncoderConfig, ModelConfig, from_dict, to_dict
+from .fileio import atomic_write, atomic_write_bytes, sha256_files
 
-from .config import ModelConfig, from_dict, to_dict
-from .model import FromageModel
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+FILES = (CONFIG_NAME, WEIGHTS_NAME)
+
+SHIPPED = Path(__file__).parent / "weights" / "default"
+"""The shipped default model (fromage/weights/default/README.md says how it was trained)."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class Trained(Protocol):
+    """What a checkpoint is written from (FromageModel, without importing it)."""
+
+    config: ModelConfig
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]: ...
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+M = TypeVar("M")
 
 
-def save_model(model: FromageModel, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+def _config_json(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {directory} a fromage checkpoint?")
+    return json.loads(path.read_text())
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    data = _config_json(directory)
+    data.pop("_fromage", None)
+    return from_dict(ModelConfig, data)
+
+
+def load_encoder_config(directory: str | Path | None = None) -> EncoderConfig:
+    """The image encoder a checkpoint (default: the shipped model) was trained with."""
+    directory = directory or SHIPPED
+    encoder = _config_json(directory).get("encoder")
+    if not isinstance(encoder, dict):
+        raise ValueError(f"{Path(directory) / CONFIG_NAME}: no `encoder` section")
+    return from_dict(EncoderConfig, encoder)
+
+
+def training_record(directory: str | Path) -> dict[str, Any]:
+    """The `_fromage` section: training step and the full training config (empty if absent)."""
+    return dict(_config_json(directory).get("_fromage", {}))
+
+
+def checkpoint_digest(directory: str | Path) -> str:
+    """SHA-256 over the checkpoint's config and trained tensors: an index belongs to exactly
+    this model (backbone names, dimensions and weights)."""
+    return sha256_files(Path(directory) / name for name in FILES)
+
+
+def save_model(model: Trained, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in model.trained_state_dict().items()}
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise ValueError(f"refusing to save non-finite values in {name}")
-    atomic_save_tensors(tensors, directory / WEIGHTS_NAME, {"format": "fromage"})
+    atomic_write(
+        directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "fromage"})
+    )
     payload = to_dict(model.config)
     if extra:
         payload = {**payload, "_fromage": extra}
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(payload, indent=2) + "\n").encode())
 
 
-def load_config(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / CONFIG_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {directory} a fromage checkpoint?")
-    data = json.loads(path.read_text())
-    data.pop("_fromage", None)
-    return from_dict(ModelConfig, data)
-
-
 def load_trained_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     path = Path(directory) / WEIGHTS_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
@@ -82,27 +103,30 @@ def load_trained_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(
+    cls: type[M],
     directory: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     load_encoder: bool = True,
     lm_quantization: str | None = None,
-) -> FromageModel:
-    """Rebuild the model a checkpoint was trained with; frozen weights come from their source.
-    `lm_quantization` (8bit / 4bit, CUDA + bitsandbytes) loads the frozen LM quantized."""
+) -> M:
+    """Rebuild the model class `cls` (FromageModel) a checkpoint was trained with; the frozen
+    weights come from their source. `lm_quantization` (8bit / 4bit, CUDA + bitsandbytes) loads
+    the frozen LM quantized. `FromageModel.from_pretrained` is this."""
+    import torch
+
     from .backbones import load_encoder as _load_encoder
     from .backbones import load_lm
 
     config = load_config(directory)
     if dtype is not None:
-        config.lm.dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
-            dtype
-        ]
+        names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+        config.lm.dtype = names[dtype]
     if lm_quantization is not None:
         config.lm.quantization = lm_quantization
         config.lm.__post_init__()
     lm, _ = load_lm(config.lm, device=device)
     encoder = _load_encoder(config.encoder, device=device) if load_encoder else None
-    model = FromageModel(config, lm, encoder, feature_dim=config.feature_dim)
-    model.load_trained_state_dict(load_trained_tensors(directory))
-    return model.to(device)
+    model = cls(config, lm, encoder, feature_dim=config.feature_dim)  # type: ignore[call-arg]
+    model.load_trained_state_dict(load_trained_tensors(directory))  # type: ignore[attr-defined]
+    return model.to(device)  # type: ignore[attr-defined]

@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     config = load_json(TrainConfig, args.config) if args.config else TrainConfig()
     config = apply_overrides(config, _split_overrides(extra))
     if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        from .distributed import launch
+        from .training.distributed import launch
 
         launch(_train_and_report, (config,), config.num_processes)
     else:  # one process, or one of the processes `accelerate launch` / torchrun started
@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def _train_and_report(config: TrainConfig) -> None:
-    from .train import train
+    from .training.loop import train
 
     result = train(config)
     if not result.is_main:
@@ -74,7 +74,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     """Embed a collection into a checkpoint's retrieval space; re-runs add only new images."""
-    from .indexing import index_collection
+    from .apps.indexing import index_collection
 
     report = index_collection(
         args.source,
@@ -96,13 +96,14 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     """Run the frozen image encoder over a collection into the shared feature cache."""
+    from .apps.features import extract_collection
+    from .checkpoint import load_encoder_config
     from .config import EncoderConfig
-    from .featurize import encoder_of_checkpoint, extract_collection
 
     if args.encoder:
         encoder = EncoderConfig(name=args.encoder, image_size=args.image_size or 224)
     else:
-        encoder = encoder_of_checkpoint(args.checkpoint)  # default: the shipped model
+        encoder = load_encoder_config(args.checkpoint)  # default: the shipped model
         if args.image_size:
             encoder = EncoderConfig(name=encoder.name, image_size=args.image_size)
     report = extract_collection(
@@ -160,10 +161,10 @@ def _print_answer(piece, out: TextIO | None = None) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive dialogue on stdin: `@path` attaches an image; /save FILE, /reset, /quit."""
-    from .chat import Conversation, parse_line
-    from .images import ImageError
+    from .apps.chat import Conversation, parse_line
+    from .apps.transcript import save_html
+    from .data.images import ImageError
     from .pipeline import Fromage
-    from .transcript import save_html
 
     bot = Fromage.from_pretrained(args.model, index=args.index, device=args.device)
     settings = {
@@ -209,14 +210,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .apps.demo import run_demo
 
     report = run_demo(args.model, args.index, args.save)
     return 0 if report.correct == report.requests or not args.check else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import ServeConfig, serve
+    from .apps.serve import ServeConfig, serve
 
     config = ServeConfig(
         model_id=args.model_id,
@@ -228,27 +229,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         allowed_image_hosts=tuple(args.allow_image_host),
     )
-    from .demo import DEFAULT_CHECKPOINT
+    from .checkpoint import SHIPPED
 
-    serve(args.model or DEFAULT_CHECKPOINT, args.index, args.host, args.port, config)
+    serve(args.model or SHIPPED, args.index, args.host, args.port, config)
     return 0
 
 
 def cmd_demo_web(args: argparse.Namespace) -> int:
-    from .demo import DEFAULT_CHECKPOINT, emoji_index
-    from .webui import launch
+    from .apps.demo import emoji_index
+    from .apps.webui import launch
+    from .checkpoint import SHIPPED
 
-    checkpoint = args.model or str(DEFAULT_CHECKPOINT)
+    checkpoint = args.model or str(SHIPPED)
     index = args.index or emoji_index(checkpoint)
     launch(checkpoint, index, args.host, args.port)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .demo import DEFAULT_CHECKPOINT
+    from .checkpoint import SHIPPED
     from .evaluate import run
 
-    model = args.model or str(DEFAULT_CHECKPOINT)
+    model = args.model or str(SHIPPED)
     out = args.out or f"runs/eval-{args.task}"
     needs_data = args.task != "offline"
     if needs_data and not args.data:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data.collate import SpecialTokens
-from .model import IMAGE_TOKEN_ID, FromageModel
+from .model import FromageModel
+from .tokens import IMAGE_TOKEN_ID, SpecialTokens
 
 
 @dataclass

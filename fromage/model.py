@@ -18,13 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checkpoint
 from .backbones.lm import FrozenLM
 from .backbones.vision import FrozenImageEncoder
 from .config import ModelConfig
-
-IMAGE_TOKEN_ID = -200
-"""Placeholder id of a visual-token slot in `input_ids` (each image fills k consecutive slots)."""
-IGNORE_INDEX = -100
+from .tokens import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 
 @dataclass
@@ -416,9 +414,8 @@ class FromageModel(nn.Module):
     # ------------------------------------------------------------------ persistence
 
     def save_pretrained(self, directory: str | Path) -> None:
-        from .checkpoint import save_model
-
-        save_model(self, directory)
+        """Write the trained tensors and the config (checkpoint.py's format)."""
+        checkpoint.save_model(self, directory)
 
     @classmethod
     def from_pretrained(
@@ -429,10 +426,14 @@ class FromageModel(nn.Module):
         load_encoder: bool = True,
         lm_quantization: str | None = None,
     ) -> FromageModel:
-        from .checkpoint import load_model
-
-        return load_model(
-            directory, device=device, dtype=dtype, load_encoder=load_encoder, lm_quantization=lm_quantization
+        """The model a checkpoint directory holds, its frozen backbones loaded from their source."""
+        return checkpoint.load_model(
+            cls,
+            directory,
+            device=device,
+            dtype=dtype,
+            load_encoder=load_encoder,
+            lm_quantization=lm_quantization,
         )
 
 

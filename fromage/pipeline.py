@@ -26,13 +26,15 @@ import torch
 from PIL import Image
 
 from .backbones import load_tokenizer
-from .data.collate import SpecialTokens
+from .checkpoint import checkpoint_digest
 from .data.digest import file_digest
+from .data.images import load_image
+from .embed import layout_prompt, ret_hidden_batch
 from .generate import GenerationConfig, decode, greedy_captions
-from .images import load_image
-from .index import ImageIndex
-from .model import IMAGE_TOKEN_ID, FromageModel
-from .scoring import candidate_logprobs, ret_hidden_batch
+from .index.store import ImageIndex
+from .model import FromageModel
+from .scoring import candidate_logprobs
+from .tokens import SpecialTokens
 
 PromptItem: TypeAlias = "str | Image.Image | Path"
 
@@ -94,8 +96,6 @@ class Fromage:
             model.lm.enable_fast_decode(model.config.ret_layer, torch.bfloat16)
         loaded = None
         if index is not None:
-            from .indexing import checkpoint_digest
-
             loaded = ImageIndex.load(index, checkpoint_digest=checkpoint_digest(checkpoint))
         return cls(model, load_tokenizer(model.config.lm), loaded)
 
@@ -105,24 +105,25 @@ class Fromage:
         """`[BOS]` then each item: text tokens, or an image's k visual-token slots."""
         if isinstance(prompt, (str, Path, Image.Image)):
             prompt = [prompt]
-        ids = [self.special.bos]
         images: list[Image.Image] = []
         context: set[int] = set()
-        k = self.model.config.num_visual_tokens
         for item in prompt:
-            if isinstance(item, str):
-                ids += self.tokenizer(item, add_special_tokens=False)["input_ids"]
-            elif isinstance(item, (Path, Image.Image)):
+            if isinstance(item, (Path, Image.Image)):
                 images.append(load_image(item))  # names the file when it cannot be read
-                ids += [IMAGE_TOKEN_ID] * k
                 if isinstance(item, Path) and self.index is not None:
                     row = self.index.row_of_digest(file_digest(item))
                     if row is not None:
                         context.add(row)
-            else:
+            elif not isinstance(item, str):
                 raise TypeError(
                     f"prompt items are str (text), PIL images or pathlib.Path (image files); got {type(item).__name__}"
                 )
+        ids, _ = layout_prompt(
+            prompt,
+            lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"],
+            self.special.bos,
+            self.model.config.num_visual_tokens,
+        )
         if len(ids) == 1:
             raise ValueError("the prompt has no text and no image")
         assert self.model.encoder is not None

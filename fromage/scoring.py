@@ -1,7 +1,5 @@
 """Prompt-level computations on many prompts or candidates at once.
 
-- `ret_hidden_batch`: prompts (ids with image slots) + `[RET]` → the `[RET]` state of each, in
-  one left-padded forward pass (retrieval, evaluation).
 - `candidate_logprobs`: log-likelihood of each candidate continuation of one prompt (answer
   selection). The prompt runs once; every candidate continues from its keys/values, and a
   candidate's first token is read straight off the prompt's last position.
@@ -21,57 +19,8 @@ from typing import Any
 
 import torch
 
+from .embed import padded_forward
 from .model import FromageModel
-
-
-@torch.no_grad()
-def ret_hidden_batch(
-    model: FromageModel,
-    rows: Sequence[Sequence[int]],
-    features: Sequence[torch.Tensor | None],
-    pad_id: int,
-) -> torch.Tensor:
-    """rows: token ids per prompt (image slots included, no `[RET]`); features: (n_i, F) per
-    prompt for its n_i image slots, or None. → (B, d) `[RET]` states (model.config.ret_layer)."""
-    if len(rows) != len(features):
-        raise ValueError(f"{len(rows)} prompts but {len(features)} feature entries")
-    if not rows:
-        return torch.empty(0, model.config.hidden_size)
-    out, _ = _padded_forward(model, [[*r, model.ret_token_id] for r in rows], features, pad_id)
-    return out.ret_hidden[:, -1].float()
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) left-padded ids and their attention mask: every row ends at the last column."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(list(row))
-        mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
-def _padded_forward(
-    model: FromageModel,
-    rows: Sequence[Sequence[int]],
-    features: Sequence[torch.Tensor | None],
-    pad_id: int,
-    use_cache: bool = False,
-) -> tuple[Any, torch.Tensor]:
-    """One forward pass over left-padded prompts; → (model output, (B, T) attention mask)."""
-    device = model.ret_embedding.device
-    ids, mask = _left_pad(rows, pad_id)
-    feats = [f for f in features if f is not None and f.shape[0]]
-    out = model(
-        ids.to(device),
-        attention_mask=mask.to(device),
-        image_features=torch.cat(feats).to(device) if feats else None,
-        position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
-        use_cache=use_cache,
-        compute_logits=False,
-    )
-    return out, mask
 
 
 def _copy_cache(cache: Any, rows: int = 0) -> Any:
@@ -159,7 +108,7 @@ def shared_candidate_logprobs(
     if len(rows) != len(features):
         raise ValueError(f"{len(rows)} prompts but {len(features)} feature entries")
     device = model.ret_embedding.device
-    out, mask = _padded_forward(model, rows, features, pad_id, use_cache=True)
+    out, mask = padded_forward(model, rows, features, pad_id, use_cache=True)
     first = torch.log_softmax(model.full_logits(out.last_hidden[:, -1]).float(), -1).cpu()  # (B, V+1)
     scores = first[:, [c[0] for c in candidates]].clone()  # (B, C)
     lengths = mask.sum(1, keepdim=True)  # (B, 1) next position of each row

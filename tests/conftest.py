@@ -123,6 +123,6 @@ def build_model(lm_model=None, feature_dim: int = 24, k: int = 2, ret_layer: int
 
 @pytest.fixture
 def special():
-    from fromage.data.collate import SpecialTokens
+    from fromage.tokens import SpecialTokens
 
     return SpecialTokens(bos=1, eos=2, pad=0)

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from fromage.backbones.bf16_weights import BF16WeightLinear, store_linear_weights_bf16
-from fromage.data.collate import SpecialTokens
 from fromage.generate import GenerationConfig, decode
+from fromage.tokens import SpecialTokens
 
 from .conftest import build_model, tiny_llama
 

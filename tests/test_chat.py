@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from fromage.chat import Conversation, parse_line
+from fromage.apps.chat import Conversation, parse_line
+from fromage.apps.transcript import to_html
 from fromage.pipeline import RetrievedImage
-from fromage.transcript import to_html
 
 from .test_pipeline import bot  # noqa: F401  (fixture)
 from .test_train import tiny_world  # noqa: F401  (fixture)
@@ -72,8 +72,8 @@ def test_cli_chat_reads_stdin_and_saves_html(bot, tmp_path, monkeypatch, capsys)
 
 
 def test_web_messages_show_text_images_and_retrieved_captions():
-    from fromage.chat import Turn
-    from fromage.webui import _messages
+    from fromage.apps.chat import Turn
+    from fromage.apps.webui import _messages
 
     found = RetrievedImage("/x/apple.png", "red apple", 0.42, 7)
     turns = [Turn("user", [Path("/x/cat.png"), "show me a red apple"]), Turn("assistant", [found, " ", "ok"])]

@@ -83,7 +83,7 @@ def test_group_recall_accepts_any_item_of_the_group():
 
 
 def test_tokenize_no_captions_is_empty():
-    from fromage.data.collate import tokenize_captions
+    from fromage.tokens import tokenize_captions
 
     assert tokenize_captions(object(), [], 8) == []
 

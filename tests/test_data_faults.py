@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fromage.data.collate import tokenize_captions
+from fromage.data.images import MAX_PIXELS, ImageError, load_image
 from fromage.data.readers import BadInputLog, read_jsonl, read_tsv
-from fromage.images import MAX_PIXELS, ImageError, load_image
+from fromage.tokens import tokenize_captions
 
 
 def _png(image: Image.Image) -> bytes:
@@ -163,7 +163,8 @@ def test_jsonl_faults_are_counted(tmp_path):
 
 
 def test_a_very_long_caption_is_truncated_and_ret_still_follows_it():
-    from fromage.data.collate import SpecialTokens, retrieval_prefix_batch
+    from fromage.data.collate import retrieval_prefix_batch
+    from fromage.tokens import SpecialTokens
 
     from .conftest import build_model
 

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_retrieves_the_requested_emoji_and_writes_html(tmp_path):
-    from fromage.demo import REQUESTS, run_demo
+    from fromage.apps.demo import REQUESTS, run_demo
     from fromage.pipeline import RetrievedImage
 
     lines: list[str] = []

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fromage.distributed import launch
-from fromage.train import train
+from fromage.training.distributed import launch
+from fromage.training.loop import train
 
 from .test_train import tiny_config, tiny_world  # noqa: F401  (fixture)
 
@@ -94,8 +94,8 @@ def test_contrastive_gradients_sum_to_the_single_process_gradient(tmp_path):
 
 def _shard_gradients(directory: str) -> None:
     """Run in each of the processes: its shard's gradients of the gathered loss, saved."""
-    from fromage.distributed import init_processes
     from fromage.losses import contrastive_loss
+    from fromage.training.distributed import init_processes
 
     procs = init_processes("cpu")
     inputs = torch.load(Path(directory) / "inputs.pt", weights_only=True)

@@ -15,7 +15,7 @@ def test_embedded_backbones_load_offline():
     from fromage.backbones import load_encoder, load_lm
     from fromage.config import EncoderConfig, LMConfig
     from fromage.data.builtin import emoji_examples
-    from fromage.images import load_image
+    from fromage.data.images import load_image
 
     lm, tokenizer = load_lm(LMConfig())
     assert (lm.hidden_size, lm.num_layers, lm.vocab_size, lm.tied) == (576, 30, 49152, True)
@@ -41,7 +41,7 @@ def test_default_recipe_runs_a_few_steps_and_checkpoint_is_small(tmp_path: Path)
     from fromage.config import TrainConfig
     from fromage.data.builtin import emoji_examples
     from fromage.model import FromageModel
-    from fromage.train import train
+    from fromage.training.loop import train
 
     rows = ["caption\timage"] + [f"{e.caption}\t{e.image}" for e in emoji_examples("google", "train")[:24]]
     (tmp_path / "emoji.tsv").write_text("\n".join(rows) + "\n")

@@ -11,12 +11,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_offline_benchmark_writes_every_table_and_the_plot(tmp_path, capsys):
-    from fromage.demo import DEFAULT_CHECKPOINT
+    from fromage.checkpoint import SHIPPED
     from fromage.evaluate.offline import OfflineSettings
     from fromage.evaluate.run import eval_offline
 
     results = eval_offline(
-        DEFAULT_CHECKPOINT,
+        SHIPPED,
         tmp_path,
         dialogue_queries=12,
         answer_images=4,

@@ -133,7 +133,7 @@ def test_exclusion_and_mean_context_baseline():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_world, tmp_path_factory):  # noqa: F811
-    from fromage.train import train
+    from fromage.training.loop import train
 
     root = tmp_path_factory.mktemp("evaluate")
     with pytest.MonkeyPatch.context() as patch:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fromage.generate import GenerationConfig, choose, decode, next_token_scores
-from fromage.model import IMAGE_TOKEN_ID
+from fromage.tokens import IMAGE_TOKEN_ID
 
 from .conftest import build_model, tiny_gpt2, tiny_llama, tiny_opt
 

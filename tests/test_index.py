@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from fromage.index import BadIndex, ImageIndex, brute_force_search
+from fromage.index.store import BadIndex, ImageIndex, brute_force_search
 
 
 def _unit(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
@@ -179,7 +179,7 @@ def test_ivfpq_finds_the_brute_force_neighbours_of_held_out_queries(pq_data):
 
 
 def test_chunked_build_from_a_memmap_equals_the_in_memory_build(tmp_path, pq_data):
-    from fromage.index import build_faiss
+    from fromage.index.store import build_faiss
 
     np.save(tmp_path / "e.npy", pq_data)
     mapped = np.load(tmp_path / "e.npy", mmap_mode="r")
@@ -206,7 +206,7 @@ def test_memory_mapped_load_answers_like_a_normal_load(tmp_path, pq_data, kind):
 
 
 def test_recall_is_the_hand_computed_overlap_with_exact_search():
-    from fromage.index import measure_recall
+    from fromage.index.store import measure_recall
 
     rows = np.eye(4, dtype=np.float32)[[0, 0, 1, 1, 2, 3]] * np.array([[1.0], [0.9], [1.0], [0.8], [1], [1]])
     queries = np.eye(4, dtype=np.float32)[[0, 1]]  # exact top-2: {0, 1} and {2, 3}
@@ -227,7 +227,7 @@ def test_recall_is_the_hand_computed_overlap_with_exact_search():
 
 
 def test_exact_search_in_row_chunks_equals_brute_force():
-    from fromage.index import exact_search, rescore
+    from fromage.index.store import exact_search, rescore
 
     data, queries = _unit(1_000, seed=4), _unit(20, seed=5)
     want_s, want_i = brute_force_search(data, queries, 7)
@@ -274,7 +274,7 @@ def test_ivfpq_settings_on_another_type_and_unknown_types_are_refused():
 
 
 def test_large_files_are_size_checked_always_and_hashed_on_demand(tmp_path, monkeypatch):
-    import fromage.index as index_module
+    import fromage.index.store as index_module
 
     directory = _built(tmp_path)
     path = directory / "embeddings.npy"

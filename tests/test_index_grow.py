@@ -11,10 +11,10 @@ import json
 import numpy as np
 import pytest
 
-from fromage import index as index_module
-from fromage.index import ImageIndex, brute_force_search
-from fromage.jsonl_rows import ChainedRows, JsonlRows, row_of_digest, write_rows
-from fromage.row_blocks import RowBlocks
+from fromage.index import store as index_module
+from fromage.index.jsonl_rows import ChainedRows, JsonlRows, row_of_digest, write_rows
+from fromage.index.row_blocks import RowBlocks
+from fromage.index.store import ImageIndex, brute_force_search
 
 from .test_index import _clustered, _unit
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fromage.index import BadIndex, ImageIndex, recover
-from fromage.indexing import index_collection
+from fromage.apps.indexing import index_collection
+from fromage.index.store import BadIndex, ImageIndex, recover
 
 from .test_indexing import _train
 from .test_train import tiny_world  # noqa: F401  (fixture)

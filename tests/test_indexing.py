@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fromage.index import BadIndex, ImageIndex
-from fromage.indexing import index_collection
+from fromage.apps.indexing import index_collection
+from fromage.index.store import BadIndex, ImageIndex
 
 from .test_train import tiny_config, tiny_world  # noqa: F401  (fixture)
 
@@ -17,7 +17,7 @@ def _isolated_home(tmp_path, monkeypatch):
 
 def _train(world, out, seed=0):
     from fromage.model import FromageModel
-    from fromage.train import train
+    from fromage.training.loop import train
 
     result = train(tiny_config(world, out, max_steps=2, refine_steps=0, seed=seed))
     return FromageModel.from_pretrained(result.checkpoint).eval(), result.checkpoint
@@ -46,7 +46,7 @@ def test_index_grows_incrementally_and_matches_direct_embedding(trained, tiny_wo
     index = ImageIndex.load(tmp_path / "idx", dim=model.config.retrieval_dim)
     assert index.metadata[-1]["path"].endswith("new.png")
     # The stored embedding is the model's image embedding of that file.
-    from fromage.validation import embed_images
+    from fromage.embed import embed_images
 
     feats = model.encoder.encode([Image.open(folder / "new.png").convert("RGB")])
     np.testing.assert_allclose(index.embeddings[-1], embed_images(model, feats)[0].numpy(), atol=1e-5)
@@ -78,7 +78,7 @@ def test_unreadable_images_are_counted_and_limit_enforced(trained, tiny_world, t
 def test_indexing_in_small_blocks_gives_the_same_index(trained, tiny_world, tmp_path, monkeypatch):  # noqa: F811
     """`fromage index` embeds new images BLOCK at a time into a scratch directory (bounded RAM
     for any collection size): blocks of 5 give the rows and metadata of one whole block."""
-    from fromage import indexing
+    from fromage.apps import indexing
 
     _, ckpt = trained
     folder = tmp_path / "photos"

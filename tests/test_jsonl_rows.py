@@ -10,9 +10,9 @@ import random
 import numpy as np
 import pytest
 
-from fromage import jsonl_rows
-from fromage.index import ImageIndex
-from fromage.jsonl_rows import JsonlRows
+from fromage.index import jsonl_rows
+from fromage.index.jsonl_rows import JsonlRows
+from fromage.index.store import ImageIndex
 
 
 def _digest(i: int) -> str:
@@ -122,7 +122,7 @@ def test_the_vectorised_digest_scan_finds_what_the_regex_finds(tmp_path, monkeyp
 
 
 def test_a_verified_load_parses_every_row(tmp_path):
-    from fromage.index import BadIndex
+    from fromage.index.store import BadIndex
 
     emb = np.eye(3, 8, dtype=np.float32)
     ImageIndex.build(emb, _rows(3), "enc", "ckpt").save(tmp_path / "idx")

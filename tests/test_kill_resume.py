@@ -95,12 +95,13 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_tensors(tiny_world
 def test_a_crash_inside_a_checkpoint_write_keeps_the_previous_one_whole(tiny_world, tmp_path, monkeypatch):  # noqa: F811
     """The deterministic twin of the kill campaign: the third checkpoint write dies halfway
     (half a file on disk, then a BaseException, as a signal would)."""
-    from fromage import checkpoint
-    from fromage.train import train
+    import safetensors.torch
+
+    from fromage.training.loop import train
 
     monkeypatch.setenv("FROMAGE_HOME", str(tmp_path / "home"))
     train(tiny_config(tiny_world, tmp_path / "reference", max_steps=8, save_every=2, refine_steps=0))
-    real = checkpoint.save_file
+    real = safetensors.torch.save_file
     writes = {"n": 0}
 
     def torn(tensors, path, metadata=None):
@@ -111,14 +112,14 @@ def test_a_crash_inside_a_checkpoint_write_keeps_the_previous_one_whole(tiny_wor
             Path(path).write_bytes(data[: len(data) // 2])
             raise SystemExit("killed while writing the checkpoint")
 
-    monkeypatch.setattr(checkpoint, "save_file", torn)
+    monkeypatch.setattr(safetensors.torch, "save_file", torn)  # checkpoint.py imports it per call
     config = tiny_config(tiny_world, tmp_path / "killed", max_steps=8, save_every=2, refine_steps=0)
     with pytest.raises(SystemExit):
         train(config)
     ckpt = tmp_path / "killed" / "checkpoint"
     assert load_file(str(ckpt / "model.safetensors"))  # the step-4 checkpoint, whole
     assert not [p.name for p in ckpt.iterdir() if p.name.startswith(".")]  # no half file left
-    monkeypatch.setattr(checkpoint, "save_file", real)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
     train(config)  # resumes from the last training state
     reference = load_file(str(tmp_path / "reference" / "checkpoint" / "model.safetensors"))
     resumed = load_file(str(ckpt / "model.safetensors"))

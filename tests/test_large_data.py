@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fromage.train import train
+from fromage.training.loop import train
 
 from .test_train import tiny_config, tiny_world  # noqa: F401  (fixture)
 

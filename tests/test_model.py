@@ -5,7 +5,7 @@ import torch
 
 from fromage.data.collate import caption_batch, retrieval_prefix_batch
 from fromage.losses import caption_loss, ret_token_loss
-from fromage.model import IGNORE_INDEX, IMAGE_TOKEN_ID
+from fromage.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 from .conftest import TRAINABLE, VOCAB, build_model, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fromage import train as train_module
+from fromage.training import loop as train_module
 
 from .test_train import tiny_config, tiny_world  # noqa: F401  (fixture)
 

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fromage.images import ImageError
-from fromage.indexing import index_collection
+from fromage.apps.indexing import index_collection
+from fromage.data.images import ImageError
 from fromage.pipeline import Fromage, RetrievedImage
 
 from .test_train import tiny_config, tiny_world  # noqa: F401  (fixture)
@@ -13,7 +13,7 @@ from .test_train import tiny_config, tiny_world  # noqa: F401  (fixture)
 
 @pytest.fixture(scope="module")
 def bot(tiny_world, tmp_path_factory):  # noqa: F811
-    from fromage.train import train
+    from fromage.training.loop import train
 
     root = tmp_path_factory.mktemp("pipeline")
     with pytest.MonkeyPatch.context() as patch:

@@ -2,7 +2,7 @@ import torch
 
 from fromage.losses import contrastive_loss
 from fromage.model import FromageModel
-from fromage.refine import refine_retrieval
+from fromage.training.refine import refine_retrieval
 
 from .conftest import build_model
 
@@ -52,7 +52,7 @@ def test_refinement_is_deterministic_given_the_seed():
 
 
 def test_pick_texts_draws_variants_at_the_requested_share():
-    from fromage.refine import pick_texts
+    from fromage.training.refine import pick_texts
 
     table = torch.stack([torch.arange(1000) * 3, torch.arange(1000) * 3 + 1, torch.arange(1000) * 3 + 2], 1)
     idx = torch.arange(1000).repeat(10)

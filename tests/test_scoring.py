@@ -1,13 +1,9 @@
 import pytest
 import torch
 
-from fromage.model import IMAGE_TOKEN_ID
-from fromage.scoring import (
-    candidate_logprobs,
-    candidate_logprobs_naive,
-    ret_hidden_batch,
-    shared_candidate_logprobs,
-)
+from fromage.embed import ret_hidden_batch
+from fromage.scoring import candidate_logprobs, candidate_logprobs_naive, shared_candidate_logprobs
+from fromage.tokens import IMAGE_TOKEN_ID
 
 from .conftest import build_model, tiny_gpt2, tiny_llama, tiny_opt
 

@@ -11,7 +11,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from fromage.serve import ServeConfig, create_app
+from fromage.apps.serve import ServeConfig, create_app
 
 from .test_pipeline import bot  # noqa: F401  (fixture)
 from .test_train import tiny_world  # noqa: F401  (fixture)

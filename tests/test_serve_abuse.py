@@ -9,7 +9,7 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from fromage.serve import ServeConfig, create_app
+from fromage.apps.serve import ServeConfig, create_app
 
 from .test_pipeline import bot  # noqa: F401  (fixture)
 from .test_train import tiny_world  # noqa: F401  (fixture)

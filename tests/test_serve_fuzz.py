@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import strategies as st
 
-from fromage.serve import ServeConfig, create_app
+from fromage.apps.serve import ServeConfig, create_app
 
 from .test_pipeline import bot  # noqa: F401  (fixture)
 from .test_train import tiny_world  # noqa: F401  (fixture)

@@ -10,7 +10,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from fromage.serve import ServeConfig, create_app
+from fromage.apps.serve import ServeConfig, create_app
 
 from .test_pipeline import bot  # noqa: F401  (fixture)
 from .test_train import tiny_world  # noqa: F401  (fixture)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import uvicorn
 
-from fromage.serve import ServeConfig, create_app
+from fromage.apps.serve import ServeConfig, create_app
 
 from .test_pipeline import bot  # noqa: F401  (fixture)
 from .test_serve_fuzz import RED_PNG

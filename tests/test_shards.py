@@ -15,9 +15,9 @@ from PIL import Image
 
 from fromage.config import DataConfig, EncoderConfig
 from fromage.data.digest import file_digest
+from fromage.data.images import ImageError, load_image
 from fromage.data.readers import BadInputLog
 from fromage.data.shards import expand_braces, read_shards, shard_paths, split_tar_ref, tar_ref
-from fromage.images import ImageError, load_image
 
 from .test_train import tiny_config, tiny_world  # noqa: F401  (fixture)
 
@@ -294,9 +294,9 @@ def test_features_command_two_processes_write_what_one_does(tmp_path, monkeypatc
 
 
 def test_train_and_index_from_shards(tiny_world, tmp_path):  # noqa: F811
-    from fromage.index import ImageIndex
-    from fromage.indexing import index_collection
-    from fromage.train import train
+    from fromage.apps.indexing import index_collection
+    from fromage.index.store import ImageIndex
+    from fromage.training.loop import train
 
     root = tiny_world / "images"
     samples = []
@@ -311,7 +311,7 @@ def test_train_and_index_from_shards(tiny_world, tmp_path):  # noqa: F811
     config = tiny_config(tiny_world, tmp_path / "run", max_steps=2, refine_steps=0)
     config.data.sources = [pattern]
     result = train(config)
-    from fromage.featurize import encoder_of_checkpoint
+    from fromage.checkpoint import load_encoder_config as encoder_of_checkpoint
 
     assert encoder_of_checkpoint(result.checkpoint) == config.model.encoder
     assert encoder_of_checkpoint().name == "efficientnet-lite0"  # the shipped model's

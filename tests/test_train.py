@@ -100,7 +100,7 @@ def _isolated_home(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("lm", ["llama", "opt"])
 def test_tiny_models_train_and_lower_their_loss(tiny_world, tmp_path, lm):
-    from fromage.train import train
+    from fromage.training.loop import train
 
     config = tiny_config(tiny_world, tmp_path / "run", lm=lm, max_steps=60, lr=1e-2)
     train(config)
@@ -124,8 +124,9 @@ def test_caption_pathway_learns(lm):
     """The visual map alone, through the frozen LM, lowers the caption loss of a fixed batch.
     A tiny random LM's logits span little (its head is initialised at std 0.02), so the
     reachable drop is ~0.15 nats from log(96); without gradient flow it would be 0."""
-    from fromage.data.collate import SpecialTokens, caption_batch
+    from fromage.data.collate import caption_batch
     from fromage.losses import caption_loss
+    from fromage.tokens import SpecialTokens
 
     from .conftest import build_model, tiny_llama, tiny_opt
 
@@ -148,7 +149,7 @@ def test_caption_pathway_learns(lm):
 
 
 def test_only_trainables_get_optimizer_state(tiny_world, tmp_path):
-    from fromage.train import train
+    from fromage.training.loop import train
 
     train(tiny_config(tiny_world, tmp_path / "run"))
     state = torch.load(tmp_path / "run" / "train_state" / "state.pt", weights_only=True)
@@ -161,13 +162,13 @@ def test_only_trainables_get_optimizer_state(tiny_world, tmp_path):
 
 def test_frozen_lm_bit_identical_after_training(tiny_world, tmp_path):
     """The in-memory frozen LM is bit-identical after steps (not only its file on disk)."""
-    from fromage.train import (
+    from fromage.training.loop import (
         train,
         train_step,  # noqa: F401  (import proves the public step exists)
     )
 
     config = tiny_config(tiny_world, tmp_path / "run", max_steps=3)
-    from fromage import train as train_module
+    from fromage.training import loop as train_module
 
     captured = {}
     original = train_module.FromageModel
@@ -193,7 +194,7 @@ def test_checkpoint_round_trip_holds_only_trained_tensors(tiny_world, tmp_path):
     from safetensors import safe_open
 
     from fromage.model import FromageModel
-    from fromage.train import train
+    from fromage.training.loop import train
 
     config = tiny_config(tiny_world, tmp_path / "run")
     result = train(config)
@@ -216,7 +217,7 @@ def test_checkpoint_round_trip_holds_only_trained_tensors(tiny_world, tmp_path):
 
 
 def test_same_seed_same_first_steps(tiny_world, tmp_path):
-    from fromage.train import train
+    from fromage.training.loop import train
 
     train(tiny_config(tiny_world, tmp_path / "a", max_steps=4))
     train(tiny_config(tiny_world, tmp_path / "b", max_steps=4))
@@ -226,7 +227,7 @@ def test_same_seed_same_first_steps(tiny_world, tmp_path):
 def test_resume_continues_where_it_stopped(tiny_world, tmp_path):
     from safetensors.torch import load_file
 
-    from fromage.train import train
+    from fromage.training.loop import train
 
     train(tiny_config(tiny_world, tmp_path / "full", max_steps=6))
     train(tiny_config(tiny_world, tmp_path / "split", stop_at_step=3))
@@ -240,7 +241,7 @@ def test_resume_continues_where_it_stopped(tiny_world, tmp_path):
 
 def test_bad_images_are_counted_and_limit_enforced(tiny_world, tmp_path):
     from fromage.data.readers import TooManyBadInputs
-    from fromage.train import train
+    from fromage.training.loop import train
 
     data = tmp_path / "data"
     data.mkdir()

@@ -2,7 +2,8 @@ import torch
 
 from fromage.data.dataset import Split
 from fromage.data.examples import Example
-from fromage.validation import embed_texts, validate
+from fromage.embed import embed_texts
+from fromage.training.validate import validate
 
 from .conftest import build_model
 

@@ -24,15 +24,16 @@ def _chromium() -> str:
 
 
 def test_web_demo_answers_a_photo_and_a_request_with_an_image():
-    from fromage.demo import DEFAULT_CHECKPOINT, emoji_index, skimage_photo
-    from fromage.webui import launch
+    from fromage.apps.demo import emoji_index, skimage_photo
+    from fromage.apps.webui import launch
+    from fromage.checkpoint import SHIPPED
 
     browser_path = _chromium()
-    index = emoji_index(DEFAULT_CHECKPOINT)
+    index = emoji_index(SHIPPED)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ui, url = launch(DEFAULT_CHECKPOINT, index, port=port, block=False)
+    ui, url = launch(SHIPPED, index, port=port, block=False)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])

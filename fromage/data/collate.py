@@ -12,33 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import IGNORE_INDEX, IMAGE_TOKEN_ID
-
-
-@dataclass
-class SpecialTokens:
-    bos: int
-    eos: int
-    pad: int
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer: object) -> SpecialTokens:
-        bos = getattr(tokenizer, "bos_token_id", None)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        if eos is None:
-            raise ValueError("the tokenizer has no EOS token; captions could never end")
-        if bos is None:
-            bos = eos  # GPT-2 style: one token serves as both
-        return cls(int(bos), int(eos), int(pad if pad is not None else eos))
-
-
-def tokenize_captions(tokenizer: object, captions: Sequence[str], max_tokens: int) -> list[list[int]]:
-    """Caption text → ids without special tokens, truncated to `max_tokens`."""
-    if not captions:
-        return []  # fast tokenizers fail on an empty batch
-    encoded = tokenizer(list(captions), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    return [list(ids[:max_tokens]) for ids in encoded]
+from ..tokens import IGNORE_INDEX, IMAGE_TOKEN_ID, SpecialTokens, left_pad
 
 
 @dataclass
@@ -90,11 +64,4 @@ def retrieval_prefix_batch(
     texts: Sequence[list[int]], special: SpecialTokens
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded `[BOS] text` rows (B, T) and their attention mask."""
-    rows = [[special.bos, *t] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), special.pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, width - len(row) :] = torch.tensor(row)
-        mask[r, width - len(row) :] = 1
-    return ids, mask
+    return left_pad([[special.bos, *t] for t in texts], special.pad)

@@ -15,12 +15,12 @@ from tqdm.auto import tqdm
 
 from ..backbones.vision import FrozenImageEncoder
 from ..config import DataConfig
-from ..images import ImageError, load_image
 from ..paths import subdir
 from .augment import restyle
 from .builtin import easyvqa_examples, emoji_examples
 from .examples import Example
 from .features import FeatureCache, file_digest
+from .images import ImageError, load_image
 from .readers import BadInputLog, read_collection
 from .shards import holdout_key, is_shard_source, read_shards, shard_set_name
 

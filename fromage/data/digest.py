@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+from ..fileio import sha1_file
 from .shards import read_member, split_tar_ref
 
 
@@ -15,8 +16,4 @@ def file_digest(path: str | os.PathLike) -> str:
     member = split_tar_ref(path)
     if member is not None:
         return hashlib.sha1(read_member(*member)).hexdigest()
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha1_file(path)

@@ -12,13 +12,14 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..fileio import atomic_write
 from .digest import file_digest
 
 __all__ = ["FeatureCache", "file_digest"]
@@ -71,26 +72,11 @@ class FeatureCache:
         if not keys:
             return
         name = self.dir / f"shard-{uuid.uuid4().hex[:12]}.safetensors"
-        tmp = name.with_suffix(".tmp")
-        save_file(
-            {"features": features.float().contiguous()},
-            str(tmp),
-            metadata={"keys": json.dumps(list(keys))},
+        atomic_write(
+            name,
+            lambda tmp: save_file(
+                {"features": features.float().contiguous()}, tmp, metadata={"keys": json.dumps(list(keys))}
+            ),
         )
-        os.replace(tmp, name)
         for row, key in enumerate(keys):
             self._where[key] = (name, row)
-
-    def get_or_compute(
-        self,
-        keys: Sequence[str],
-        compute: Callable[[list[int]], torch.Tensor],
-        chunk: int = 512,
-    ) -> torch.Tensor:
-        """Features for `keys`; `compute(indices)` encodes the missing ones (written per chunk,
-        so an interrupted extraction keeps what it finished)."""
-        missing = [i for i, k in enumerate(keys) if k not in self._where]
-        for start in range(0, len(missing), chunk):
-            part = missing[start : start + chunk]
-            self.put([keys[i] for i in part], compute(part))
-        return self.get(keys)

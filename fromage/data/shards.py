@@ -5,7 +5,7 @@ up to the first dot of its basename (`00000/000000012.jpg`, `.txt`, `.json` shar
 `00000/000000012`). The caption comes from `.txt`, else from the `.json` field `caption`.
 
 An image inside a shard is named by a *tar reference*, `/abs/path/00001.tar#00001/000000012.jpg`,
-which `fromage.images.load_image` and `digest.file_digest` both accept: the bytes are read by
+which `fromage.data.images.load_image` and `digest.file_digest` both accept: the bytes are read by
 seeking to the member's data through a per-shard table (member → offset, size) built once per
 process from the tar headers alone. A string is a tar reference only when it is not itself an
 existing file and the part before `#` is an existing `.tar` file, so ordinary paths containing

@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..backbones import load_tokenizer
-from ..data.collate import SpecialTokens
 from ..data.dataset import extract_features
 from ..data.examples import Example
 from ..data.readers import BadInputLog
-from ..model import IMAGE_TOKEN_ID, FromageModel
-from ..scoring import candidate_logprobs, ret_hidden_batch, shared_candidate_logprobs
+from ..embed import embed_images, layout_prompt, prompt_embeddings
+from ..model import FromageModel
+from ..scoring import candidate_logprobs, shared_candidate_logprobs
+from ..tokens import SpecialTokens
 
 Prompt: TypeAlias = Sequence["str | torch.Tensor"]
 """Text pieces and (F,) image features, in order. `[BOS]` goes first; `[RET]` is appended."""
@@ -70,12 +71,7 @@ class Evaluator:
     @torch.no_grad()
     def image_embeddings(self, features: torch.Tensor) -> torch.Tensor:
         """(N, F) → (N, R) unit vectors in the retrieval space."""
-        device = self.model.ret_embedding.device
-        parts = [
-            self.model.image_embeddings(features[s : s + 1024].to(device)).float().cpu()
-            for s in range(0, features.shape[0], 1024)
-        ]
-        return torch.cat(parts) if parts else torch.empty(0, self.model.config.retrieval_dim)
+        return embed_images(self.model, features)
 
     # ------------------------------------------------------------------ prompts
 
@@ -88,35 +84,25 @@ class Evaluator:
 
     def layout(self, prompt: Prompt) -> tuple[list[int], torch.Tensor | None]:
         """`[BOS]` + each piece: its tokens, or k image slots. → (ids, (n, F) features or None)."""
-        k = self.model.config.num_visual_tokens
-        ids = [self.special.bos]
-        feats = []
         for piece in prompt:
-            if isinstance(piece, str):
-                ids += self.tokens(piece)
-            elif isinstance(piece, torch.Tensor) and piece.dim() == 1:
-                ids += [IMAGE_TOKEN_ID] * k
-                feats.append(piece)
-            else:
+            if not (isinstance(piece, str) or (isinstance(piece, torch.Tensor) and piece.dim() == 1)):
                 raise TypeError(f"prompt pieces are str or (F,) feature tensors, got {type(piece).__name__}")
-        return ids, torch.stack(feats) if feats else None
+        k = self.model.config.num_visual_tokens
+        ids, images = layout_prompt(prompt, self.tokens, self.special.bos, k)
+        return ids, torch.stack([prompt[i] for i in images]) if images else None  # type: ignore[misc]
 
     @torch.no_grad()
     def query_embeddings(self, prompts: Sequence[Prompt], desc: str = "queries") -> torch.Tensor:
         """Prompt + `[RET]` → (Q, R) unit vectors; batched in length order."""
         laid = [self.layout(p) for p in prompts]
-        order = sorted(range(len(laid)), key=lambda i: len(laid[i][0]))
-        out = torch.empty(len(laid), self.model.config.retrieval_dim)
-        bar = tqdm(total=len(laid), desc=desc, unit="query", leave=False, disable=not self.progress)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            hidden = ret_hidden_batch(
-                self.model, [laid[i][0] for i in rows], [laid[i][1] for i in rows], self.special.pad
-            )
-            out[torch.tensor(rows)] = self.model.text_embeddings(hidden).float().cpu()
-            bar.update(len(rows))
-        bar.close()
-        return out
+        return prompt_embeddings(
+            self.model,
+            [ids for ids, _ in laid],
+            [feats for _, feats in laid],
+            self.special.pad,
+            self.batch_size,
+            desc if self.progress else None,
+        )
 
     @torch.no_grad()
     def shared_answer_scores(

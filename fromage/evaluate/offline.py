@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import training_record
 from ..data.builtin import (
     EASYVQA_ANSWERS,
     EASYVQA_COLORS,
@@ -286,10 +287,7 @@ def story_retrieval(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list
 
 def checkpoint_heldout_fraction(checkpoint: str | Path, default: float = 0.1) -> float:
     """The concept split the model trained with (saved in its config), so held-out stays held out."""
-    import json
-
-    config = json.loads((Path(checkpoint) / "config.json").read_text())
-    data = config.get("_fromage", {}).get("train_config", {}).get("data", {})
+    data = training_record(checkpoint).get("train_config", {}).get("data", {})
     return float(data.get("heldout_concept_fraction", default))
 
 

@@ -25,7 +25,7 @@ def save_retrieval_examples(path: str | Path, examples: Sequence[RetrievalExampl
         import matplotlib.pyplot as plt
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("plots need matplotlib: pip install 'fromage[eval]'") from err
-    from ..images import load_image
+    from ..data.images import load_image
 
     if not examples:
         raise ValueError("no examples to plot")

@@ -7,11 +7,12 @@ where a picture says more). `fromage eval TASK` calls these; so can Python:
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import checkpoint_digest
+from ..fileio import sha256_file
 from .engine import Evaluator
 from .report import TaskResult, write_results
 
@@ -19,21 +20,11 @@ TASKS = ("offline", "vist", "visdial-retrieval", "visdial-answers", "collection"
 
 
 def _model_info(checkpoint: str | Path) -> dict[str, Any]:
-    from ..indexing import checkpoint_digest
-
     return {"checkpoint": str(checkpoint), "sha256": checkpoint_digest(checkpoint)}
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _data_info(**files: str | Path | None) -> dict[str, Any]:
-    return {name: {"path": str(p), "sha256": _sha256(p)} for name, p in files.items() if p is not None}
+    return {name: {"path": str(p), "sha256": sha256_file(p)} for name, p in files.items() if p is not None}
 
 
 def _finish(

@@ -1,4 +1,4 @@
-"""Embedding helpers and the metrics training reports: retrieval recall in both directions,
+"""The metrics training reports: retrieval recall in both directions,
 caption token accuracy and exact greedy captions."""
 
 from __future__ import annotations
@@ -7,66 +7,14 @@ from collections.abc import Sequence
 
 import torch
 
-from .data.builtin import is_heldout
-from .data.collate import SpecialTokens, caption_batch
-from .data.dataset import Split
-from .generate import greedy_captions
-from .metrics import group_recall_at_k
-from .model import FromageModel
-from .scoring import ret_hidden_batch
-
-StateCache = dict[tuple[int, ...], torch.Tensor]
-"""Token ids of a text → its (d,) hidden state at `[RET]`. Valid while `[RET]` is unchanged."""
-
-
-@torch.no_grad()
-def fill_states(
-    model: FromageModel,
-    texts: Sequence[list[int]],
-    special: SpecialTokens,
-    states: StateCache,
-    batch_size: int = 256,
-) -> StateCache:
-    """Add the `[RET]` state of `[BOS] text [RET]` for each text not yet in `states`.
-    Texts run in length order so little compute goes to padding."""
-    todo = sorted(dict.fromkeys(tuple(t) for t in texts if tuple(t) not in states), key=len)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        rows = [[special.bos, *t] for t in chunk]
-        hidden = ret_hidden_batch(model, rows, [None] * len(rows), special.pad).cpu()
-        states.update(zip(chunk, hidden, strict=True))
-    return states
-
-
-@torch.no_grad()
-def embed_texts(
-    model: FromageModel,
-    texts: Sequence[list[int]],
-    special: SpecialTokens,
-    batch_size: int = 256,
-    states: StateCache | None = None,
-) -> torch.Tensor:
-    """Token lists → (N, R) retrieval embeddings of `[BOS] text [RET]`. Texts found in
-    `states` skip the LM; the others are computed and added to it."""
-    device = model.ret_embedding.device
-    states = fill_states(model, texts, special, {} if states is None else states, batch_size)
-    if not texts:
-        return torch.empty(0, model.config.retrieval_dim)
-    hidden = torch.stack([states[tuple(t)] for t in texts])
-    return torch.cat(
-        [model.text_embeddings(hidden[s : s + 1024].to(device)).cpu() for s in range(0, len(texts), 1024)]
-    )
-
-
-@torch.no_grad()
-def embed_images(model: FromageModel, features: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    device = model.ret_embedding.device
-    return torch.cat(
-        [
-            model.image_embeddings(features[s : s + batch_size].to(device)).cpu()
-            for s in range(0, len(features), batch_size)
-        ]
-    )
+from ..data.builtin import is_heldout
+from ..data.collate import caption_batch
+from ..data.dataset import Split
+from ..embed import StateCache, embed_images, embed_texts
+from ..generate import greedy_captions
+from ..metrics import group_recall_at_k
+from ..model import FromageModel
+from ..tokens import SpecialTokens
 
 
 @torch.no_grad()

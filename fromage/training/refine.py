@@ -14,13 +14,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from .losses import contrastive_loss
-from .model import FromageModel, TextPrefix
+from ..losses import contrastive_loss
+from ..model import FromageModel
 
 
 @dataclass
@@ -28,26 +27,6 @@ class RefineResult:
     steps: int
     first_loss: float
     last_loss: float
-
-
-class PrefixSource(Protocol):
-    """Rows of frozen retrieval-pass prefixes: a precomputed `TextPrefix` table, or
-    `train.OnTheFlyPrefixes` computing them when asked."""
-
-    def __len__(self) -> int: ...
-
-    def select(self, rows: torch.Tensor) -> TextPrefix: ...
-
-
-@torch.no_grad()
-def ret_states(model: FromageModel, prefixes: PrefixSource, chunk: int = 256) -> torch.Tensor:
-    """(T, d) hidden state at `[RET]` (model.config.ret_layer) for each text prefix."""
-    n = len(prefixes)
-    parts = [
-        model.retrieval_from_prefix(prefixes.select(torch.arange(s, min(s + chunk, n)))).ret_hidden
-        for s in range(0, n, chunk)
-    ]
-    return torch.cat(parts).float()
 
 
 def pick_texts(
@@ -85,7 +64,7 @@ def refine_retrieval(
 ) -> RefineResult:
     """Train `text_ret_map`, `image_ret_map` and `logit_scale` on fixed `[RET]` states.
 
-    states: (T, d) from `ret_states`; text_of_example: (N,) or (N, V) rows of `states` per
+    states: (T, d) from `embed.ret_states`; text_of_example: (N,) or (N, V) rows of `states` per
     example (`pick_texts`, variants drawn with probability `variant_share`);
     features: (V, N, F) cached views (view 0 is the image itself); group_ids: (N,) examples
     that share a caption (never each other's negatives). Cosine decay from `lr` to 10%.

@@ -22,7 +22,7 @@ from typing import Any, TypeAlias
 
 from PIL import Image
 
-from .pipeline import Fromage, PromptItem, RetrievedImage
+from ..pipeline import Fromage, PromptItem, RetrievedImage
 
 Item: TypeAlias = str | Path | Image.Image | RetrievedImage
 

@@ -10,7 +10,6 @@ progress bar).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -21,16 +20,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .data.builtin import easyvqa_examples, emoji_examples
-from .data.digest import file_digest
-from .data.examples import Example
-from .data.readers import BadInputLog, read_collection
-from .data.shards import is_shard_source, read_shards
-from .index import BadIndex, ImageIndex, pid_alive, recover
-from .jsonl_rows import JsonlRows, write_rows
+from ..checkpoint import checkpoint_digest
+from ..data.builtin import easyvqa_examples, emoji_examples
+from ..data.digest import file_digest
+from ..data.examples import Example
+from ..data.readers import BadInputLog, read_collection
+from ..data.shards import is_shard_source, read_shards
+from ..index.jsonl_rows import JsonlRows, write_rows
+from ..index.store import BadIndex, ImageIndex, pid_alive, recover
 
 if TYPE_CHECKING:
-    from .model import FromageModel
+    from ..model import FromageModel
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 BUILTIN = ("emoji-google", "emoji-twitter", "easyvqa-train", "easyvqa-test")
@@ -76,17 +76,6 @@ def list_source(source: str, image_dir: str | None, bad: BadInputLog) -> list[Ex
     )
 
 
-def checkpoint_digest(checkpoint_dir: str | Path) -> str:
-    """SHA-256 over the checkpoint's config and trained tensors: an index belongs to exactly
-    this model (backbone names, dimensions and weights)."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):  # checkpoint.py's layout
-        with open(Path(checkpoint_dir) / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def index_collection(
     source: str,
     checkpoint_dir: str | Path,
@@ -126,7 +115,7 @@ def index_collection(
     index = existing
     if todo:
         # torch and the model load only when something is new (an up-to-date re-run takes ~1 s).
-        from .model import FromageModel
+        from ..model import FromageModel
 
         model = model or FromageModel.from_pretrained(checkpoint_dir, device=device).eval()
         if model.encoder is None:
@@ -184,8 +173,8 @@ def _embed_in_blocks(
     """Embed the images of `todo` BLOCK at a time, appending (n, d) float32 rows to
     `scratch/rows.f32` and their metadata lines to `scratch/metadata.jsonl`; returns the rows
     written (images that cannot be decoded are counted in `bad` and skipped)."""
-    from .data.dataset import extract_features
-    from .validation import embed_images
+    from ..data.dataset import extract_features
+    from ..embed import embed_images
 
     assert model.encoder is not None
     written = 0

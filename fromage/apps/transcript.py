@@ -11,10 +11,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..data.images import load_image
+from ..fileio import atomic_write_bytes
+from ..pipeline import RetrievedImage
 from .chat import Item, Turn
-from .checkpoint import atomic_write_bytes
-from .images import load_image
-from .pipeline import RetrievedImage
 
 THUMBNAIL = 160
 

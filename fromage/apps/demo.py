@@ -12,11 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import SHIPPED
+from ..paths import home as fromage_home
+from ..pipeline import Fromage, RetrievedImage
 from .chat import Conversation, Turn
-from .paths import home as fromage_home
-from .pipeline import Fromage, RetrievedImage
-
-DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default"
 
 # (request, the emoji name it should retrieve)
 REQUESTS = (
@@ -52,7 +51,7 @@ def skimage_photo(name: str = "chelsea") -> Path:
 
 
 def emoji_image(style: str, name: str) -> Path:
-    from .data.builtin import emoji_concepts, emoji_dir
+    from ..data.builtin import emoji_concepts, emoji_dir
 
     for concept in emoji_concepts(style):
         if concept.name == name:
@@ -63,7 +62,8 @@ def emoji_image(style: str, name: str) -> Path:
 def emoji_index(checkpoint: str | Path, index_dir: str | Path | None = None, echo=print) -> Path:
     """Build (or bring up to date) the Google emoji index for a checkpoint; default location
     under FROMAGE_HOME, one per checkpoint."""
-    from .indexing import checkpoint_digest, index_collection
+    from ..checkpoint import checkpoint_digest
+    from .indexing import index_collection
 
     if index_dir is None:
         index_dir = fromage_home() / "indexes" / f"emoji-google-{checkpoint_digest(checkpoint)[:12]}"
@@ -79,7 +79,7 @@ def run_demo(
     echo=print,
 ) -> DemoReport:
     start = time.time()
-    checkpoint = checkpoint or DEFAULT_CHECKPOINT
+    checkpoint = checkpoint or SHIPPED
     index_dir = emoji_index(checkpoint, index_dir, echo)
     bot = Fromage.from_pretrained(checkpoint, index=index_dir)
     chat = Conversation(bot, memory=0, **GENERATION)

@@ -14,7 +14,7 @@ from typing import TypeAlias
 
 from PIL import Image, UnidentifiedImageError
 
-from .data.shards import read_member, split_tar_ref
+from .shards import read_member, split_tar_ref
 
 ImageLike: TypeAlias = str | os.PathLike | Image.Image
 

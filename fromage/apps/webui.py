@@ -14,8 +14,8 @@ from typing import Any
 
 import gradio as gr
 
+from ..pipeline import Fromage, RetrievedImage
 from .chat import Conversation, Turn
-from .pipeline import Fromage, RetrievedImage
 from .transcript import save_html
 
 
@@ -115,8 +115,8 @@ def launch(
     block: bool = True,
 ) -> tuple[gr.Blocks, str]:
     """Start the web demo; returns (app, local URL). `block=False` returns at once."""
+    from ..paths import home
     from .demo import emoji_image, skimage_photo
-    from .paths import home
 
     bot = Fromage.from_pretrained(checkpoint, index=index)
     photo = skimage_photo("chelsea")

@@ -39,9 +39,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .data.shards import read_member, split_tar_ref
-from .images import ImageError, load_image
-from .pipeline import Fromage, PromptItem, RetrievedImage
+from ..data.images import ImageError, load_image
+from ..data.shards import read_member, split_tar_ref
+from ..pipeline import Fromage, PromptItem, RetrievedImage
 
 
 @dataclass

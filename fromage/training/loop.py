@@ -29,20 +29,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import load_encoder, load_lm
-from .checkpoint import atomic_write_bytes, save_model
-from .config import TrainConfig, save_json, to_dict
-from .data.collate import SpecialTokens, caption_batch, retrieval_prefix_batch, tokenize_captions
-from .data.dataset import Split, build_examples, extract_features
-from .data.dialogues import determining_dialogue, random_dialogue
-from .data.examples import Example
-from .data.readers import BadInputLog
-from .data.requests import request_forms
+from ..backbones import load_encoder, load_lm
+from ..checkpoint import save_model
+from ..config import TrainConfig, save_json, to_dict
+from ..data.collate import caption_batch, retrieval_prefix_batch
+from ..data.dataset import Split, build_examples, extract_features
+from ..data.dialogues import determining_dialogue, random_dialogue
+from ..data.examples import Example
+from ..data.readers import BadInputLog
+from ..data.requests import request_forms
+from ..embed import PrefixSource, fill_states, ret_states
+from ..fileio import atomic_write_bytes
+from ..losses import caption_loss, contrastive_loss, linear_cross_entropy, ret_token_loss
+from ..model import FromageModel, TextPrefix
+from ..tokens import IGNORE_INDEX, SpecialTokens, tokenize_captions
 from .distributed import Processes, init_processes
-from .losses import caption_loss, contrastive_loss, linear_cross_entropy, ret_token_loss
-from .model import IGNORE_INDEX, FromageModel, TextPrefix
-from .refine import PrefixSource, refine_retrieval, ret_states
-from .validation import fill_states, validate
+from .refine import refine_retrieval
+from .validate import validate
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ it in the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
+from ..fileio import sha256_file
 from .jsonl_rows import ChainedRows, JsonlRows, row_of_digest, write_rows
 from .row_blocks import RowBlocks
 
@@ -86,14 +86,6 @@ class Manifest:
     """`{"k", "queries", "recall"}`: recall@k against exact search, measured at build on
     indexed rows used as queries (each query's own row left out of both lists). None for
     an exact (`flat`) index."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _faiss() -> Any:
@@ -533,7 +525,7 @@ class ImageIndex:
             write_rows(self.metadata, f)
         _faiss().write_index(self.faiss_index, str(tmp / "index.faiss"))
         self.manifest.files = {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in FILES
         }
         (tmp / "manifest.json").write_text(json.dumps(asdict(self.manifest), indent=2) + "\n")
         old = directory.parent / f".{directory.name}.old-{os.getpid()}"
@@ -622,7 +614,9 @@ class ImageIndex:
                     f"{directory}: {name} has {size} bytes, the manifest says {expected['bytes']} "
                     "(truncated or replaced; rebuild the index)"
                 )
-            if (verify or (verify is None and size <= HASH_LIMIT)) and _sha256(path) != expected["sha256"]:
+            if (verify or (verify is None and size <= HASH_LIMIT)) and sha256_file(path) != expected[
+                "sha256"
+            ]:
                 raise BadIndex(f"{directory}: {name} does not match its checksum in the manifest")
         for label, want, have in (
             ("encoder", encoder_id, manifest.encoder_id),

@@ -15,7 +15,6 @@ back through a queue to one bar in the parent.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import queue
@@ -28,10 +27,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import EncoderConfig, from_dict
-from .data.examples import Example
-from .data.readers import BadInputLog
-from .data.shards import is_shard_source, read_shard, shard_paths
+from ..config import EncoderConfig
+from ..data.examples import Example
+from ..data.readers import BadInputLog
+from ..data.shards import is_shard_source, read_shard, shard_paths
 
 CHUNK = 256
 """Examples a worker handles between progress reports (and cache writes)."""
@@ -78,23 +77,6 @@ class _Result:
     messages: list[str]
     encoder_id: str
     cache_dir: str
-
-
-SHIPPED_CHECKPOINT = Path(__file__).parent / "weights" / "default"
-"""= demo.DEFAULT_CHECKPOINT, not imported from there: that pulls in torch and the pipeline,
-which the parent of N workers never needs."""
-
-
-def encoder_of_checkpoint(checkpoint_dir: str | Path | None = None) -> EncoderConfig:
-    """The image encoder a checkpoint (default: the shipped model) was trained with, read from
-    its config.json alone (checkpoint.py's layout) without loading torch."""
-    path = Path(checkpoint_dir or SHIPPED_CHECKPOINT) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {path.parent} a fromage checkpoint?")
-    encoder = json.loads(path.read_text()).get("encoder")
-    if not isinstance(encoder, dict):
-        raise ValueError(f"{path}: no `encoder` section")
-    return from_dict(EncoderConfig, encoder)
 
 
 def extract_collection(
@@ -210,10 +192,10 @@ def _work(task: _Task, progress: Callable[[int], None]) -> _Result:
     """One worker: list its shards (or take its examples), encode what the cache lacks."""
     import torch
 
-    from .backbones import load_encoder
-    from .data.dataset import fill_cache
-    from .data.features import FeatureCache
-    from .paths import subdir
+    from ..backbones import load_encoder
+    from ..data.dataset import fill_cache
+    from ..data.features import FeatureCache
+    from ..paths import subdir
 
     if task.threads:
         torch.set_num_threads(task.threads)

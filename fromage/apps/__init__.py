@@ -1,0 +1,1 @@
+"""Applications built on the pipeline: indexing, feature extraction, chat, transcripts, demos, the server."""
