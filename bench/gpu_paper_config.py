@@ -12,7 +12,7 @@ Frozen weights in bf16, trained maps in fp32 under bf16 autocast, as `fromage tr
 Measures, in this order:
 1. feature extraction: CLIP ViT-L/14 images/s (the one-time encoder pass whose output the
    training loop reads from the feature cache);
-2. `--steps` training steps of `fromage.training.loop.train_step` at batch `--batch` (captioning pass
+2. `--steps` training steps of `fromage.training.step.train_step` at batch `--batch` (captioning pass
    with full backward into the visual-token map; retrieval pass whose frozen `[BOS] caption`
    prefix is computed per step without autograd — at CC3M scale the prefixes of 3.3M captions
    cannot be kept — and only `[RET]` runs with gradients), AdamW, clipping, `[RET]` rescale:
@@ -57,7 +57,7 @@ from fromage.data.dataset import Split  # noqa: E402
 from fromage.generate import GenerationConfig, decode  # noqa: E402
 from fromage.model import FromageModel, TextPrefix  # noqa: E402
 from fromage.tokens import SpecialTokens  # noqa: E402
-from fromage.training.loop import train_step  # noqa: E402
+from fromage.training.step import StepData, StepInput, train_step  # noqa: E402
 
 CC3M_PAIRS = 3_300_000
 H200_BF16_TFLOPS = 989.0
@@ -180,26 +180,14 @@ def bench_training(model: FromageModel, args: argparse.Namespace, device: torch.
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            # The frozen prefix of this step's retrieval texts, without autograd (train.py's
+            # The frozen prefix of this step's retrieval texts, without autograd (training/prefixes.py's
             # `precompute_prefixes` does this once per caption on small data).
             prefixes = _prefixes(model, [texts[i] for i in ret_idx], special, device)
             row_of = torch.zeros(pool, dtype=torch.long)  # example -> its row in `prefixes`
             row_of[torch.tensor(ret_idx)] = torch.arange(args.batch)
-            out = train_step(
-                model,
-                split,
-                [texts[i] for i in cap_idx],
-                prefixes,
-                row_of,
-                torch.arange(pool),
-                cap_idx,
-                ret_idx,
-                special,
-                interleave,
-                config,
-                generator,
-                device,
-            )
+            data = StepData(split, prefixes, row_of, torch.arange(pool), special)
+            batch = StepInput(cap_idx, [texts[i] for i in cap_idx], ret_idx, interleave)
+            out = train_step(model, data, batch, config, generator, device)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         model.rescale_ret_embedding()

@@ -9,7 +9,7 @@ which steps pack two captions per row), the same AdamW settings and precision. E
 runs in its own subprocess so that its peak RSS is its own; the subprocesses alternate for
 `--rounds` rounds (the machine is noisy) and the ratios are printed at the end.
 
-- **ours**: `fromage.training.loop.train_step` as the loop runs it. Image features are encoded once and
+- **ours**: `fromage.training.step.train_step` as the loop runs it. Image features are encoded once and
   the frozen `[BOS] caption` prefixes of the retrieval pass precomputed once: both one-time costs
   are timed and reported on their own, not hidden in the per-step rate.
 - **published** (kohjingyu/fromage `main.py` + `fromage/models.py`, re-created here as a
@@ -61,8 +61,9 @@ from fromage.data.features import FeatureCache  # noqa: E402
 from fromage.data.images import load_image  # noqa: E402
 from fromage.data.readers import BadInputLog  # noqa: E402
 from fromage.model import FromageModel  # noqa: E402
-from fromage.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID, SpecialTokens, tokenize_captions  # noqa: E402  # noqa: E402
-from fromage.training.loop import precompute_prefixes, train_step  # noqa: E402
+from fromage.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID, SpecialTokens, tokenize_captions  # noqa: E402
+from fromage.training.prefixes import precompute_prefixes  # noqa: E402
+from fromage.training.step import StepData, StepInput, train_step  # noqa: E402
 
 CONTENDERS = ("ours", "ours-ckpt", "published")
 """`ours-ckpt`: ours with `ModelConfig.activation_checkpointing` on (off in `ours`)."""
@@ -230,13 +231,13 @@ def run_ours(setup: Setup, args: argparse.Namespace, checkpointing: bool) -> dic
     config.model.activation_checkpointing_share = args.checkpoint_share
     model = build_model(setup)
     # One-time costs, timed on their own. Features: the `features` worker (its own process, as
-    # `fromage features` is its own step) filled the cache; the loop reads it, as train.py does.
+    # `fromage features` is its own step) filled the cache; the loop reads it, as training/loop.py does.
     t0 = time.perf_counter()
     split = extract_features(setup.examples, setup.encoder, BadInputLog(), cache=feature_cache(setup, args))
     read_s = time.perf_counter() - t0
     if len(split) != len(setup.examples):
         raise RuntimeError(f"{len(setup.examples) - len(split)} of {len(setup.examples)} images unreadable")
-    # The frozen prefix of every distinct caption, once (train.py does this before its first step).
+    # The frozen prefix of every distinct caption, once (training/prefixes.py does this before the first step).
     t0 = time.perf_counter()
     text_index: dict[tuple[int, ...], int] = {}
     text_of_example = torch.tensor([text_index.setdefault(tuple(t), len(text_index)) for t in setup.texts])
@@ -257,24 +258,12 @@ def run_ours(setup: Setup, args: argparse.Namespace, checkpointing: bool) -> dic
     )
     generator = torch.Generator().manual_seed(0)
     device = torch.device("cpu")
+    data = StepData(split, prefixes, text_of_example, group_ids, special)
 
     def step(cap_idx: list[int], ret_idx: list[int], interleave: bool) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
-        out = train_step(
-            model,
-            split,
-            [setup.texts[i] for i in cap_idx],
-            prefixes,
-            text_of_example,
-            group_ids,
-            cap_idx,
-            ret_idx,
-            special,
-            interleave,
-            config,
-            generator,
-            device,
-        )
+        batch = StepInput(cap_idx, [setup.texts[i] for i in cap_idx], ret_idx, interleave)
+        out = train_step(model, data, batch, config, generator, device)
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         model.rescale_ret_embedding()

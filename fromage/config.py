@@ -194,7 +194,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     refine_steps: int = 4000
     """Steps of retrieval-map refinement on cached `[RET]` states after the joint loop
-    (batch `refine_batch_size`; 0 = off). See refine.py."""
+    (batch `refine_batch_size`; 0 = off). See training/refine.py."""
     refine_batch_size: int = 512
     refine_max_examples: int = 200_000
     """Refinement reads the cached `[RET]` state of every training caption; above this many

@@ -82,7 +82,11 @@ def choose(logp: torch.Tensor, config: GenerationConfig, generator: torch.Genera
     """(B, V+1) log-probabilities → (B,) token ids (greedy, or temperature + top-p sampling)."""
     if config.temperature == 0:
         return logp.argmax(-1)
-    probs = torch.softmax(logp / config.temperature, dim=-1)
+    # Shifted so the top token is 0, and divided in float64 (a tiny temperature is 0 in
+    # float32): the others go to -inf and the draw is the top token, never 0/0 = NaN, which
+    # multinomial refuses.
+    shifted = (logp - logp.max(dim=-1, keepdim=True).values).double()
+    probs = torch.softmax(shifted / config.temperature, dim=-1)
     if config.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each token

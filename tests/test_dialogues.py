@@ -104,7 +104,7 @@ def test_round_format_is_the_visdial_query_form():
 
 
 def test_captioning_pass_reads_questions_at_the_configured_share():
-    from fromage.training.loop import pick_caption_texts
+    from fromage.training.step import pick_caption_texts
 
     texts = [[1], [2], [3]]
     forms = [[[10], [11]], [], [[30]]]
@@ -124,7 +124,7 @@ def test_captioning_pass_reads_questions_at_the_configured_share():
 def test_refinement_reads_dialogues_for_images_with_questions_and_requests_otherwise():
     from fromage.config import TrainConfig
     from fromage.data.examples import Example
-    from fromage.training.loop import retrieval_variants
+    from fromage.training.texts import retrieval_variants
 
     class Tok:
         def __call__(self, texts, add_special_tokens=False):

@@ -90,3 +90,14 @@ def test_bad_prompts_are_refused(special):
         list(decode(model, torch.ones(2, 3, dtype=torch.long), None, special))
     with pytest.raises(ValueError, match="temperature"):
         GenerationConfig(temperature=-1)
+
+
+def test_a_tiny_temperature_samples_the_top_token_instead_of_failing():
+    """Found by the schema fuzzer: temperature 1e-300 made every logit -inf and softmax NaN, so
+    `torch.multinomial` raised (a 500 from the server)."""
+    logp = torch.log_softmax(torch.tensor([[0.5, 2.0, -1.0, 1.5]]), dim=-1)
+    for temperature in (1e-300, 5e-324, 1e-30):
+        picked = choose(
+            logp, GenerationConfig(temperature=temperature, top_p=0.9), torch.Generator().manual_seed(0)
+        )
+        assert picked.tolist() == [1]

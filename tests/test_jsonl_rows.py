@@ -1,4 +1,4 @@
-"""The lazily parsed metadata rows of an index (fromage/jsonl_rows.py) against the naive twin:
+"""The lazily parsed metadata rows of an index (fromage/index/jsonl_rows.py) against the naive twin:
 every line parsed up front."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from .conftest import build_model, tiny_llama, tiny_opt
 
 def test_precomputed_prefix_table_matches_direct_retrieval(special):
     """The training fast path (prefixes computed once, selected per step) == the direct path."""
-    from fromage.training.loop import precompute_prefixes
+    from fromage.training.prefixes import precompute_prefixes
 
     for make in (tiny_llama, tiny_opt):
         model = build_model(make())

@@ -162,10 +162,7 @@ def test_only_trainables_get_optimizer_state(tiny_world, tmp_path):
 
 def test_frozen_lm_bit_identical_after_training(tiny_world, tmp_path):
     """The in-memory frozen LM is bit-identical after steps (not only its file on disk)."""
-    from fromage.training.loop import (
-        train,
-        train_step,  # noqa: F401  (import proves the public step exists)
-    )
+    from fromage.training.loop import train
 
     config = tiny_config(tiny_world, tmp_path / "run", max_steps=3)
     from fromage.training import loop as train_module

@@ -1,4 +1,4 @@
-"""`fromage index`: embed an image collection into a model's retrieval space (index.py).
+"""`fromage index`: embed an image collection into a model's retrieval space (fromage/index/).
 
 Sources: a folder tree of images, the published TSV (`caption<TAB>image`), JSONL
 (`{"image", "caption"}`), webdataset tar shards (`data/{00000..00099}.tar`), or a built-in set
@@ -131,7 +131,7 @@ def index_collection(
             )
         # New images are embedded BLOCK at a time into a scratch directory beside the index:
         # RAM holds one block's frozen features, whatever the collection's size, and the
-        # index is then built or grown from the mapped rows (index.py streams them).
+        # index is then built or grown from the mapped rows (index/store.py streams them).
         scratch = out_dir.parent / f".{out_dir.name}.adding-{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)

@@ -5,7 +5,7 @@ whether the processes came from `accelerate launch -m fromage.cli train …`, `t
 `fromage train --num-processes N` (which spawns them here through `launch`). The trainable
 part of FROMAGe is a few million parameters, so instead of wrapping the model in DDP the loop
 sums their gradients with one flat all-reduce per step: every process then takes the same
-optimiser step and the replicas never drift apart (see train.py for how losses are normalised
+optimiser step and the replicas never drift apart (see training/step.py for how losses are normalised
 so that the sum is exactly the single-process gradient).
 """
 

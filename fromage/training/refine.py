@@ -11,15 +11,25 @@ a linear probe on fixed `[RET]` states beats the joint recipe on both emoji styl
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..config import TrainConfig
+from ..embed import StateCache, fill_states, ret_states
 from ..losses import contrastive_loss
 from ..model import FromageModel
+from .prefixes import RowSubset
+from .step import StepData
+from .texts import TrainTexts, retrieval_variants
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,3 +121,64 @@ def refine_retrieval(
     finally:
         model.train(was_training)
     return RefineResult(steps, first, last)
+
+
+def refine_after_loop(
+    model: FromageModel,
+    data: StepData,
+    texts: TrainTexts,
+    tokenizer: Any,
+    config: TrainConfig,
+    run_refinement: bool,
+) -> tuple[dict[str, float], StateCache]:
+    """After the joint loop `[RET]` is final, so each training caption's `[RET]` state is fixed:
+    compute them once (a sample past `refine_max_examples`), refine the retrieval maps on them
+    when `run_refinement`, and return the states for validation to reuse.
+    → (refinement metrics, text ids → `[RET]` state)."""
+    split = data.split
+    chosen = list(range(len(split)))
+    if len(chosen) > config.refine_max_examples:
+        chosen = sorted(random.Random(config.seed + 2).sample(chosen, config.refine_max_examples))
+    chosen_texts = sorted({int(data.text_of_example[i]) for i in chosen})
+    states = ret_states(model, RowSubset(data.prefixes, chosen_texts))
+    state_cache: StateCache = {tuple(texts.distinct[j]): states[k] for k, j in enumerate(chosen_texts)}
+    if not (config.refine_steps and run_refinement):
+        return {}, state_cache
+    t0 = time.time()
+    # Requests ("show me a red apple") join the captions here: their [RET] states come from
+    # the final [RET], and the retrieval maps learn to place both forms on the image.
+    # Dialogues whose answers determine the image join them for images with questions.
+    form_texts, shares = retrieval_variants([split.examples[i] for i in chosen], tokenizer, config)
+    fill_states(model, [t for f in form_texts for t in f], data.special, state_cache)
+    row_of = {text: i for i, text in enumerate(state_cache)}
+    width = max(len(f) for f in form_texts)
+    captions = texts.captions
+    table = torch.tensor(  # (examples, 1 + width): the caption's state row, then its variants'
+        [
+            [row_of[tuple(captions[i])]]
+            + [row_of[tuple(f[j % len(f)] if f else captions[i])] for j in range(width)]
+            for i, f in zip(chosen, form_texts, strict=True)
+        ]
+    )
+    whole = len(chosen) == len(split)
+    result = refine_retrieval(
+        model,
+        torch.stack(list(state_cache.values())),
+        table,
+        split.features if whole else split.features[:, torch.tensor(chosen)],
+        data.group_ids if whole else data.group_ids[torch.tensor(chosen)],
+        config.refine_steps,
+        batch_size=config.refine_batch_size,
+        lr=config.refine_lr,
+        seed=config.seed,
+        variant_share=torch.tensor(shares),
+    )
+    log.info(
+        "retrieval refinement: %d steps, loss %.3f -> %.3f", result.steps, result.first_loss, result.last_loss
+    )
+    metrics = {
+        "refine/first_loss": result.first_loss,
+        "refine/last_loss": result.last_loss,
+        "refine/seconds": time.time() - t0,
+    }
+    return metrics, state_cache

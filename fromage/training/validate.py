@@ -117,3 +117,35 @@ def _spread(rows: list[int], limit: int) -> list[int]:
         return rows
     stride = len(rows) / limit
     return [rows[int(i * stride)] for i in range(limit)]
+
+
+def validate_all(
+    model: FromageModel,
+    val_splits: dict[str, Split],
+    val_captions: dict[str, list[list[int]]],
+    special: SpecialTokens,
+    tokenizer: object,
+    heldout_fraction: float,
+    captions: bool,
+    states: StateCache,
+    val_requests: dict[str, list[list[int]]] | None = None,
+) -> dict[str, float]:
+    """`validate` on every non-empty validation split; keys `val/<split>/<metric>`."""
+    out: dict[str, float] = {}
+    for name, split in val_splits.items():
+        if not len(split):
+            continue
+        metrics = validate(
+            model,
+            name,
+            split,
+            val_captions[name],
+            special,
+            tokenizer,
+            heldout_fraction,
+            captions=captions,
+            states=states,
+            request_texts=(val_requests or {}).get(name),
+        )
+        out.update({f"val/{name}/{k}": v for k, v in metrics.items()})
+    return out

@@ -1,0 +1,164 @@
+"""One training step of the joint loop (DESIGN §3): the captioning pass and the retrieval pass
+on one micro-batch, and the few rules around a step (learning-rate schedule, precision).
+
+(1) captioning pass: `[img][BOS] caption [EOS]` (two pairs per row when `interleave`), full
+backward through the frozen LM into the visual tokens; (2) retrieval pass: `[BOS] text [RET]`,
+the frozen prefix precomputed (prefixes.py), so only the `[RET]` position carries gradients;
+LM loss including `[RET]` plus symmetric InfoNCE.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import TrainConfig
+from ..data.collate import caption_batch
+from ..data.dataset import Split
+from ..embed import PrefixSource
+from ..losses import caption_loss, contrastive_loss, linear_cross_entropy, ret_token_loss
+from ..model import FromageModel
+from ..tokens import IGNORE_INDEX, SpecialTokens
+from .distributed import Processes
+
+
+@dataclass
+class StepData:
+    """What every step of a run reads; fixed for the run. Indices are training-example rows."""
+
+    split: Split
+    """(V, N, F) cached features of the N training images in V augmented views."""
+    prefixes: PrefixSource
+    """Frozen retrieval-pass prefixes, one row per distinct text."""
+    text_of_example: torch.Tensor
+    """(N,) example → its row in `prefixes`."""
+    group_ids: torch.Tensor
+    """(N,) examples of one group (same caption) are not each other's negatives."""
+    special: SpecialTokens
+
+
+@dataclass
+class StepInput:
+    """One micro-batch: the global batch's indices (each process runs its contiguous shard)."""
+
+    caption_idx: list[int]
+    caption_texts: list[list[int]]
+    """What the captioning pass reads for image caption_idx[j] (its caption or a Q→A turn)."""
+    retrieval_idx: list[int]
+    interleave: bool
+    """Pack two caption pairs per row (the paper's interleaving trick)."""
+
+
+def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    if config.precision == "bf16":
+        return True
+    if config.precision == "fp32":
+        return False
+    # On CPUs here bf16 made the backward pass slower (DESIGN §7): auto means CUDA only.
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def lr_at(step: int, config: TrainConfig, time_progress: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak at the end of the run: `max_steps`
+    or, with a time budget, `time_progress` (share of the budget used), whichever is further."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, max((step - config.warmup_steps) / span, time_progress))
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pick_caption_texts(
+    texts: list[list[int]],
+    qa_forms: list[list[list[int]]],
+    idx: list[int],
+    share: float,
+    generator: torch.Generator,
+) -> list[list[int]]:
+    """What the captioning pass reads for each image in `idx`: its caption, or with probability
+    `share` one of its dialogues (images that have some), drawn uniformly."""
+    draws = torch.rand(len(idx), generator=generator).tolist()
+    picks = torch.randint(0, 1 << 30, (len(idx),), generator=generator).tolist()
+    out = []
+    for i, draw, pick in zip(idx, draws, picks, strict=True):
+        forms = qa_forms[i]
+        out.append(forms[pick % len(forms)] if forms and draw < share else texts[i])
+    return out
+
+
+def train_step(
+    model: FromageModel,
+    data: StepData,
+    batch: StepInput,
+    config: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    scale: float = 1.0,
+    procs: Processes | None = None,
+) -> dict[str, float]:
+    """Both passes on one micro-batch; backward with `scale` (1 / accumulation steps).
+
+    Random draws are made for the whole global batch and then sharded, and the losses are
+    divided by global counts, so the processes' gradients sum to one process's gradient
+    (`Processes.sum_gradients`) and the returned values are the global batch's."""
+    procs = procs or Processes(0, 1, device)
+    features = data.split.features
+    views = features.shape[0]
+    n_cap, n_ret = len(batch.caption_idx), len(batch.retrieval_idx)
+    cap_views = procs.shard(torch.randint(0, views, (n_cap,), generator=generator).tolist())
+    ret_views = torch.tensor(procs.shard(torch.randint(0, views, (n_ret,), generator=generator).tolist()))
+    p_drop = model.config.feature_dropout
+    keep = None
+    if p_drop > 0:  # (B, F) feature-dropout mask for the retrieval pass
+        keep = torch.rand(n_ret, features.shape[2], generator=generator) >= p_drop
+        keep = keep[procs.shard(list(range(n_ret)))].to(device)
+    caption_idx, caption_texts = procs.shard(batch.caption_idx), procs.shard(batch.caption_texts)
+    retrieval_idx = torch.tensor(procs.shard(batch.retrieval_idx))
+
+    # (1) captioning pass: full backward through the LM into the visual tokens.
+    cap = caption_batch(caption_texts, model.config.num_visual_tokens, data.special, batch.interleave)
+    rows = torch.tensor([caption_idx[j] for j in cap.image_order])
+    cap_feats = features[torch.tensor([cap_views[j] for j in cap.image_order]), rows].to(device)
+    # (2) retrieval pass: the prefix runs without autograd; only [RET] carries gradients.
+    ret_prefix = data.prefixes.select(data.text_of_example[retrieval_idx])
+    # Loss divisors: labelled caption positions and retrieval-pass positions, all processes.
+    counts = procs.sum(
+        torch.tensor([(cap.labels[:, 1:] != IGNORE_INDEX).sum(), ret_prefix.mask.sum()], dtype=torch.float64)
+    ).tolist()
+
+    hidden, targets = model.caption_hidden(
+        cap.input_ids.to(device), cap.attention_mask.to(device), cap_feats, cap.labels.to(device)
+    )
+    head = model.lm.head_linear()
+    if head is not None:  # the (N, V+1) logits are never held whole (losses.linear_cross_entropy)
+        weight, bias = head
+        loss_cap = linear_cross_entropy(hidden, weight, model.ret_output_row, targets, bias, counts[0])
+    else:
+        loss_cap = caption_loss(model.full_logits(hidden), targets, counts[0])
+    ret = model.retrieval_from_prefix(ret_prefix)
+    loss_ret_lm = ret_token_loss(
+        ret.frozen_lse, ret.frozen_target_logit, ret.ret_logit, ret.target_is_ret, counts[1]
+    )
+    text_emb = model.text_embeddings(ret.ret_hidden)
+    image_emb = model.image_embeddings(features[ret_views, retrieval_idx].to(device), keep)
+    groups = data.group_ids[retrieval_idx].to(device)
+    loss_con, con_logits = contrastive_loss(text_emb, image_emb, model.logit_scale, groups)
+
+    weights = (config.caption_loss_weight, config.retrieval_lm_loss_weight, config.contrastive_loss_weight)
+    total = weights[0] * loss_cap + weights[1] * loss_ret_lm + weights[2] * loss_con
+    (total * scale).backward()
+    # The captioning and LM parts are this shard's share of the global mean; the contrastive
+    # loss is computed over the gathered global batch by every process.
+    cap_loss, ret_lm = procs.sum(torch.stack([loss_cap.detach(), loss_ret_lm.detach()])).tolist()
+    con = float(loss_con.detach())
+    global_batch = con_logits.shape[0]
+    hits = con_logits.argmax(1) == torch.arange(global_batch, device=con_logits.device)
+    return {
+        "loss": weights[0] * cap_loss + weights[1] * ret_lm + weights[2] * con,
+        "caption_loss": cap_loss,
+        "ret_lm_loss": ret_lm,
+        "contrastive_loss": con,
+        "contrastive_acc": float(hits.float().mean()),
+    }
