@@ -57,7 +57,7 @@ from fromage.data.builtin import easyvqa_examples, emoji_examples  # noqa: E402
 from fromage.data.collate import caption_batch  # noqa: E402
 from fromage.data.dataset import extract_features  # noqa: E402
 from fromage.data.examples import Example  # noqa: E402
-from fromage.data.features import FeatureCache  # noqa: E402
+from fromage.data.feature_cache import FeatureCache  # noqa: E402
 from fromage.data.images import load_image  # noqa: E402
 from fromage.data.readers import BadInputLog  # noqa: E402
 from fromage.model import FromageModel  # noqa: E402

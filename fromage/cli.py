@@ -3,14 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any
 
-from .config import TrainConfig, apply_overrides, load_json
+from .config import TrainConfig, apply_overrides, field_docs, load_json
+
+
+def add_setting_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    names: Sequence[str],
+    aliases: dict[str, str] | None = None,
+) -> None:
+    """`--field-name` flags for some fields of a config dataclass: their type, default and help
+    come from the dataclass, so each setting keeps one default (in its class). A tuple field
+    becomes a repeatable flag."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    docs = field_docs(cls)
+    instance = cls()
+    for name in names:
+        default = getattr(instance, name)
+        flags = [f"--{name.replace('_', '-')}"]
+        if aliases and name in aliases:
+            flags.append(aliases[name])
+        help_text = docs.get(name, "")
+        if isinstance(default, tuple):
+            parser.add_argument(
+                *flags, dest=name, action="append", default=[], help=help_text + " (repeatable)"
+            )
+        else:
+            kind = type(default) if fields[name].type not in ("float", float) else float
+            shown = f"{help_text} (default {default})" if help_text else f"default {default}"
+            parser.add_argument(*flags, dest=name, type=kind, default=default, help=shown)
+
+
+def settings_from(args: argparse.Namespace, cls: type, **extra: Any) -> Any:
+    """The config dataclass built from the flags `add_setting_flags` added (plus `extra`)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    for name, value in values.items():
+        if isinstance(getattr(cls(), name), tuple):
+            values[name] = tuple(value)
+    return cls(**{**values, **extra})
 
 
 def _split_overrides(extra: Sequence[str]) -> dict[str, str]:
@@ -149,63 +187,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_answer(piece, out: TextIO | None = None) -> None:
-    out = out or sys.stdout  # looked up per call: whatever stdout is now (redirected, captured)
-    if isinstance(piece, str):
-        out.write(piece)
-    else:
-        for img in piece:
-            out.write(f"\n  [image {img.path} | {img.caption} | score {img.score:.2f}]\n")
-    out.flush()
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive dialogue on stdin: `@path` attaches an image; /save FILE, /reset, /quit."""
-    from .apps.chat import Conversation, parse_line
-    from .apps.transcript import save_html
-    from .data.images import ImageError
+    from .apps.chat import run_terminal
+    from .config import ChatConfig
     from .pipeline import Fromage
 
     bot = Fromage.from_pretrained(args.model, index=args.index, device=args.device)
-    settings = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "ret_scale_factor": args.ret_scale_factor,
-        "images_per_ret": args.images_per_ret,
-        "max_rets": args.max_rets,
-    }
-    chat = Conversation(bot, memory=args.memory, **settings)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("fromage chat: @path attaches an image; /save FILE, /reset, /quit", file=sys.stderr)
-    while True:
-        if interactive:
-            print("you> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
-            chat.turns.clear()
-            continue
-        if line.startswith("/save"):
-            target = line[len("/save") :].strip() or args.save or "transcript.html"
-            print(f"saved {save_html(chat.turns, target)}", file=sys.stderr)
-            continue
-        print("fromage> ", end="", flush=True)
-        try:
-            for piece in chat.ask(parse_line(line)):
-                _print_answer(piece)
-        except (ImageError, ValueError) as error:  # a bad attachment ends the turn, not the chat
-            print(f"\nerror: {error}", file=sys.stderr)
-        print()
-    if args.save:
-        print(f"saved {save_html(chat.turns, args.save)}", file=sys.stderr)
+    run_terminal(bot, settings_from(args, ChatConfig), save=args.save)
     return 0
 
 
@@ -217,21 +206,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .apps.serve import ServeConfig, serve
-
-    config = ServeConfig(
-        model_id=args.model_id,
-        max_body_bytes=args.max_body_bytes,
-        max_image_pixels=args.max_image_pixels,
-        max_images_per_request=args.max_images,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens_limit=args.max_tokens_limit,
-        api_key=args.api_key,
-        allowed_image_hosts=tuple(args.allow_image_host),
-    )
+    from .apps.serve import serve
     from .checkpoint import SHIPPED
+    from .config import ServeConfig
 
-    serve(args.model or SHIPPED, args.index, args.host, args.port, config)
+    serve(args.model or SHIPPED, args.index, args.host, args.port, settings_from(args, ServeConfig))
     return 0
 
 
@@ -277,6 +256,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import ChatConfig, ServeConfig
+
     parser = argparse.ArgumentParser(prog="fromage", description="FROMAGe: frozen LMs grounded to images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -344,36 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--index", default=None, help="index directory (without one, answers are text only)")
     p.add_argument("--save", default="", help="write the transcript as HTML here at the end")
-    p.add_argument(
-        "--memory",
-        type=int,
-        default=0,
-        help="earlier exchanges each prompt includes (default 0: see chat.py)",
-    )
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--ret-scale-factor", type=float, default=1.3)
-    p.add_argument("--images-per-ret", type=int, default=1)
-    p.add_argument("--max-rets", type=int, default=1)
+    add_setting_flags(p, ChatConfig, [f.name for f in dataclasses.fields(ChatConfig)])
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("serve", help="HTTP API (OpenAI-style chat completions, retrieve, caption)")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
     p.add_argument("--index", default=None, help="index directory built by `fromage index`")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-id", default="fromage-default", help="the name /v1/models reports")
-    p.add_argument("--api-key", default="", help="require Authorization: Bearer KEY on /v1 routes")
-    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
-    p.add_argument("--max-image-pixels", type=int, default=16_000_000)
-    p.add_argument("--max-images", type=int, default=4, help="images per request")
-    p.add_argument("--max-prompt-tokens", type=int, default=1024)
-    p.add_argument("--max-tokens-limit", type=int, default=256, help="largest max_tokens accepted")
-    p.add_argument(
-        "--allow-image-host",
-        action="append",
-        default=[],
-        help="fetch http(s) image URLs from this host (repeatable); other remote URLs are refused",
+    add_setting_flags(
+        p,
+        ServeConfig,
+        [f.name for f in dataclasses.fields(ServeConfig)],
+        aliases={"max_images_per_request": "--max-images", "allowed_image_hosts": "--allow-image-host"},
     )
     p = sub.add_parser("demo-web", help="web chat (Gradio) on the shipped model and emoji index")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")

@@ -273,6 +273,72 @@ class TrainConfig:
                 )
 
 
+@dataclass
+class ServeConfig:
+    """Limits and settings of `fromage serve` (apps/serve/)."""
+
+    model_id: str = "fromage-default"
+    """The model name `/v1/models` reports."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Largest request body accepted (413 above)."""
+    max_image_pixels: int = 16_000_000
+    """Largest image (width × height) accepted in a request."""
+    max_images_per_request: int = 4
+    """Images a request may send in."""
+    max_prompt_tokens: int = 1024
+    """Longest prompt (text tokens plus image slots) accepted."""
+    max_tokens_limit: int = 256
+    """Largest `max_tokens` a request may ask for."""
+    default_max_tokens: int = 64
+    """`max_tokens` of a chat completion that names none."""
+    api_key: str = ""
+    """When set, every /v1 request needs `Authorization: Bearer <api_key>`."""
+    allowed_image_hosts: tuple[str, ...] = ()
+    """Hosts whose http(s) image URLs are fetched; any other remote URL is refused."""
+    fetch_timeout_s: float = 10.0
+    """Seconds to fetch an allow-listed image URL."""
+    body_timeout_s: float = 30.0
+    """A client that has not sent its whole request body after this long gets a 408 and its
+    connection is closed (slow clients cannot hold a worker forever)."""
+    max_connections: int = 256
+    """Concurrent connections `serve` accepts; more get a 503 at once instead of queueing."""
+    batch_size: int = 16
+    """Most retrieve/caption requests run together; 1 = one at a time."""
+    batch_wait_ms: float = 5.0
+    """How long a retrieve/caption request waits for others to batch with."""
+
+
+@dataclass
+class ChatConfig:
+    """A conversation's settings (`fromage chat`, the web demo, the scripted demo); the
+    generation ones are `GenerationConfig`'s, tuned for chat."""
+
+    memory: int = 0
+    """Earlier exchanges (user + answer) each prompt includes (0 for the shipped model: apps/chat.py says why)."""
+    max_new_tokens: int = 32
+    """Longest answer, in tokens."""
+    temperature: float = 0.0
+    """0 = greedy; otherwise sample from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Sample only from the smallest set of tokens whose probability reaches top_p."""
+    ret_scale_factor: float = 1e4
+    """Multiplies the probability of `[RET]`: a chat answers requests with an image, and the small shipped LM gives `[RET]` a low probability even where an image belongs."""
+    images_per_ret: int = 1
+    """Images retrieved at each `[RET]`."""
+    max_rets: int = 1
+    """At most this many `[RET]`s per answer (0: text only)."""
+
+    def __post_init__(self) -> None:
+        if self.memory < 0:
+            raise ValueError(f"memory must be >= 0, got {self.memory}")
+
+    def generation(self) -> dict[str, Any]:
+        """The `GenerationConfig` overrides of this chat."""
+        settings = dataclasses.asdict(self)
+        settings.pop("memory")
+        return settings
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -354,3 +420,28 @@ def _parse_value(name: str, raw: str, hint: Any) -> Any:
             value = [value]
         return value
     raise ValueError(f"setting {name!r} cannot be set from the command line")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (its first line), read from the
+    class's source: they become CLI help, so each setting is described once, where it is defined."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (e.g. a frozen build): no help, not an error
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs

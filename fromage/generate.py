@@ -21,6 +21,9 @@ import torch
 from .model import FromageModel
 from .tokens import IMAGE_TOKEN_ID, SpecialTokens
 
+CAPTION_TOKENS = 24
+"""Longest greedy caption, in tokens (the paper's maximum caption length)."""
+
 
 @dataclass
 class GenerationConfig:
@@ -158,7 +161,7 @@ def greedy_captions(
     model: FromageModel,
     features: torch.Tensor,
     special: SpecialTokens,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = CAPTION_TOKENS,
     batch_size: int = 128,
     min_new_tokens: int = 0,
 ) -> list[list[int]]:

@@ -30,7 +30,7 @@ from .checkpoint import checkpoint_digest
 from .data.digest import file_digest
 from .data.images import load_image
 from .embed import layout_prompt, ret_hidden_batch
-from .generate import GenerationConfig, decode, greedy_captions
+from .generate import CAPTION_TOKENS, GenerationConfig, decode, greedy_captions
 from .index.store import ImageIndex
 from .model import FromageModel
 from .scoring import candidate_logprobs
@@ -246,13 +246,18 @@ class Fromage:
         return [self.generate(p, seed, **overrides) for p in prompts]
 
     @torch.no_grad()
-    def caption(self, image: Image.Image | Path, max_new_tokens: int = 24, min_new_tokens: int = 0) -> str:
+    def caption(
+        self, image: Image.Image | Path, max_new_tokens: int = CAPTION_TOKENS, min_new_tokens: int = 0
+    ) -> str:
         """Greedy caption of one image (`[RET]` never allowed; no EOS before `min_new_tokens`)."""
         return self.caption_batch([image], max_new_tokens, min_new_tokens)[0]
 
     @torch.no_grad()
     def caption_batch(
-        self, images: Sequence[Image.Image | Path], max_new_tokens: int = 24, min_new_tokens: int = 0
+        self,
+        images: Sequence[Image.Image | Path],
+        max_new_tokens: int = CAPTION_TOKENS,
+        min_new_tokens: int = 0,
     ) -> list[str]:
         """Greedy captions of many images, decoded together."""
         if not images:

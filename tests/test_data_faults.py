@@ -96,7 +96,7 @@ def test_each_image_fault_decodes_to_rgb_or_is_refused_by_name(tmp_path):
 def test_training_features_count_every_bad_image_by_kind(tmp_path):
     from fromage.data.dataset import extract_features
     from fromage.data.examples import Example
-    from fromage.data.features import FeatureCache
+    from fromage.data.feature_cache import FeatureCache
 
     files = _write_faulty_images(tmp_path / "img")
     examples = [Example(str(p), f"caption {n}", "faults") for n, p in sorted(files.items())]

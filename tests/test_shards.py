@@ -98,7 +98,7 @@ def test_brace_and_glob_patterns_read_the_same_samples(tmp_path):
 
 def test_every_bad_kind_is_counted(tmp_path, clip):
     from fromage.data.dataset import extract_features
-    from fromage.data.features import FeatureCache
+    from fromage.data.feature_cache import FeatureCache
 
     root = tmp_path / "data"
     root.mkdir()
@@ -223,7 +223,7 @@ def test_training_examples_from_shards_hold_out_a_stable_share(tmp_path):
 def test_shard_features_share_the_cache_with_plain_files(tmp_path, clip):
     from fromage.backbones import load_encoder
     from fromage.data.dataset import extract_features
-    from fromage.data.features import FeatureCache
+    from fromage.data.feature_cache import FeatureCache
 
     root = _shards(tmp_path / "data", count=1)
     with tarfile.open(root / "00000.tar") as tar:
@@ -244,7 +244,7 @@ def test_shard_features_share_the_cache_with_plain_files(tmp_path, clip):
 
 
 def _cache_contents(home: Path, encoder_id: str) -> dict[str, torch.Tensor]:
-    from fromage.data.features import FeatureCache
+    from fromage.data.feature_cache import FeatureCache
 
     cache = FeatureCache(home / "features", encoder_id)
     keys = sorted(cache._where)

@@ -8,23 +8,27 @@ Images already shown in the conversation are never retrieved again. Answers end 
 and earlier turns in the prompt move its `[RET]` state off the request (in the demo, all three
 requests retrieve the wrong emoji after a captioned photo; alone, all three are right).
 
-The terminal syntax of `fromage chat` lives here too: `@path` (or `@"path with spaces"`)
-attaches an image file where it appears in the line.
+`ChatConfig` holds every setting of a conversation with its one default; the terminal chat
+(`fromage chat`, `run_terminal`), the web demo and the scripted demo all start from it. The
+terminal syntax lives here too: `@path` (or `@"path with spaces"`) attaches an image file where
+it appears in the line; /save FILE, /reset and /quit are commands.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TextIO
 
 from PIL import Image
 
+from ..config import ChatConfig
+from ..data.images import ImageError
 from ..pipeline import Fromage, PromptItem, RetrievedImage
-
-Item: TypeAlias = str | Path | Image.Image | RetrievedImage
+from .transcript import Item, Turn, save_html
 
 _ATTACH = re.compile(r'@"([^"]+)"|@(\S+)')
 
@@ -46,14 +50,8 @@ def parse_line(line: str) -> list[str | Path]:
     return items
 
 
-@dataclass
-class Turn:
-    role: str  # "user" or "assistant"
-    items: list[Item] = field(default_factory=list)
-
-
 class Conversation:
-    def __init__(self, bot: Fromage, memory: int = 0, **generation: Any):
+    def __init__(self, bot: Fromage, memory: int = ChatConfig.memory, **generation: Any):
         """`memory`: earlier exchanges (user + answer) each prompt includes; `generation`:
         `GenerationConfig` overrides for every answer (a newline stop is added)."""
         if memory < 0:
@@ -97,3 +95,57 @@ class Conversation:
     def add(self, role: str, items: list[Item]) -> None:
         """Record a turn that did not come from `ask` (e.g. a caption shown as an answer)."""
         self.turns.append(Turn(role, items))
+
+
+def run_terminal(
+    bot: Fromage,
+    config: ChatConfig,
+    save: str = "",
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> None:
+    """The `fromage chat` loop: a message per line on stdin, the answer streamed to stdout
+    (retrieved images as `[image PATH | caption | score]` lines); prompts and notes on stderr.
+    Streams default to the process's current ones, looked up per call."""
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    chat = Conversation(bot, **asdict(config))
+    interactive = stdin.isatty()
+    if interactive:
+        print("fromage chat: @path attaches an image; /save FILE, /reset, /quit", file=stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", file=stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            chat.turns.clear()
+            continue
+        if line.startswith("/save"):
+            target = line[len("/save") :].strip() or save or "transcript.html"
+            print(f"saved {save_html(chat.turns, target)}", file=stderr)
+            continue
+        print("fromage> ", end="", file=stdout, flush=True)
+        try:
+            for piece in chat.ask(parse_line(line)):
+                _print_piece(piece, stdout)
+        except (ImageError, ValueError) as error:  # a bad attachment ends the turn, not the chat
+            print(f"\nerror: {error}", file=stderr)
+        print(file=stdout)
+    if save:
+        print(f"saved {save_html(chat.turns, save)}", file=stderr)
+
+
+def _print_piece(piece: str | list[RetrievedImage], out: TextIO) -> None:
+    if isinstance(piece, str):
+        out.write(piece)
+    else:
+        for img in piece:
+            out.write(f"\n  [image {img.path} | {img.caption} | score {img.score:.2f}]\n")
+    out.flush()

@@ -9,10 +9,11 @@ written as HTML with the images inlined.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint import SHIPPED
+from ..config import ChatConfig
 from ..paths import home as fromage_home
 from ..pipeline import Fromage, RetrievedImage
 from .chat import Conversation, Turn
@@ -23,8 +24,9 @@ REQUESTS = (
     ("find me a banana", "banana"),
     ("show me a birthday cake", "birthday cake"),
 )
-# Ask for an image first, right after the request: the recipe trains `[RET]` there.
-GENERATION = {"ret_scale_factor": 1e4, "max_rets": 1, "max_new_tokens": 12, "images_per_ret": 1}
+# The chat's settings, with short answers: each request's image comes right after it (the
+# recipe trains `[RET]` there), and the script checks only the image.
+CHAT = ChatConfig(max_new_tokens=12)
 
 
 @dataclass
@@ -82,7 +84,7 @@ def run_demo(
     checkpoint = checkpoint or SHIPPED
     index_dir = emoji_index(checkpoint, index_dir, echo)
     bot = Fromage.from_pretrained(checkpoint, index=index_dir)
-    chat = Conversation(bot, memory=0, **GENERATION)
+    chat = Conversation(bot, **asdict(CHAT))
 
     def show(role: str, items) -> None:
         parts = []

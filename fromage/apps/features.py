@@ -1,6 +1,6 @@
 """`fromage features`: run the frozen image encoder over a collection once, as its own step.
 
-Features land in the shared on-disk cache (data/features.py, keyed by encoder id, image digest
+Features land in the shared on-disk cache (data/feature_cache.py, keyed by encoder id, image digest
 and view) that `fromage train` and `fromage index` read, so a later training run or index build
 on the same images encodes nothing. Sources: whatever `fromage index` accepts (webdataset tar
 shards, a folder, TSV/JSONL, a built-in set).
@@ -101,9 +101,9 @@ def extract_collection(
         shards = shard_paths(source)
         units: int = len(shards)
     else:
-        from .indexing import list_source
+        from ..data.sources import read_source
 
-        examples = list_source(source, image_dir, bad)
+        examples = read_source(source, image_dir, bad)
         bad.check(max(len(examples), 1), max_bad_fraction)
         units = len(examples)
     workers = max(1, min(num_processes, units))
@@ -194,7 +194,7 @@ def _work(task: _Task, progress: Callable[[int], None]) -> _Result:
 
     from ..backbones import load_encoder
     from ..data.dataset import fill_cache
-    from ..data.features import FeatureCache
+    from ..data.feature_cache import FeatureCache
     from ..paths import subdir
 
     if task.threads:

@@ -21,19 +21,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..checkpoint import checkpoint_digest
-from ..data.builtin import easyvqa_examples, emoji_examples
 from ..data.digest import file_digest
 from ..data.examples import Example
-from ..data.readers import BadInputLog, read_collection
-from ..data.shards import is_shard_source, read_shards
+from ..data.readers import BadInputLog
+from ..data.sources import read_source
 from ..index.jsonl_rows import JsonlRows, write_rows
 from ..index.store import BadIndex, ImageIndex, pid_alive, recover
 
 if TYPE_CHECKING:
     from ..model import FromageModel
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-BUILTIN = ("emoji-google", "emoji-twitter", "easyvqa-train", "easyvqa-test")
 BLOCK = 50_000
 """New images embedded per step by `fromage index`: RAM holds one block's frozen features
 (50,000 × 1,280 floats = 256 MB for EfficientNet-Lite0), not the collection's."""
@@ -53,27 +50,6 @@ class IndexReport:
     @property
     def images_per_second(self) -> float:
         return self.added / max(self.seconds, 1e-9)
-
-
-def list_source(source: str, image_dir: str | None, bad: BadInputLog) -> list[Example]:
-    """Every image a source names, with its caption when the source has one."""
-    if source in BUILTIN:
-        kind, variant = source.split("-", 1)
-        if kind == "emoji":
-            return emoji_examples(variant, "all")
-        return easyvqa_examples(variant)
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        return [Example(str(p), "", "folder") for p in files]
-    if is_shard_source(source):  # webdataset shards: `data/{00000..00099}.tar`, `data/*.tar`
-        return read_shards(source, bad)
-    if path.is_file():
-        return read_collection(path, image_dir, bad)
-    raise FileNotFoundError(
-        f"index source {source!r} is not a folder, a .tsv/.jsonl file, .tar shards, or one of "
-        f"{', '.join(BUILTIN)}"
-    )
 
 
 def index_collection(
@@ -97,7 +73,7 @@ def index_collection(
     if (out_dir / "manifest.json").exists():
         existing = ImageIndex.load(out_dir, checkpoint_digest=digest)
     bad = BadInputLog()
-    examples = list_source(source, image_dir, bad)
+    examples = read_source(source, image_dir, bad)
     with ThreadPoolExecutor(max_workers=4) as pool:
         digests = list(pool.map(_safe_digest, [e.image for e in examples]))
     # Already indexed: a lookup per image (the index's digest table), not a set of all N digests.

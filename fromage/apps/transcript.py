@@ -7,14 +7,25 @@ import base64
 import html
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias
 
 from PIL import Image
 
 from ..data.images import load_image
 from ..fileio import atomic_write_bytes
 from ..pipeline import RetrievedImage
-from .chat import Item, Turn
+
+Item: TypeAlias = str | Path | Image.Image | RetrievedImage
+"""One piece of a turn: text, an image the user gave, or an image the model retrieved."""
+
+
+@dataclass
+class Turn:
+    role: str  # "user" or "assistant"
+    items: list[Item] = field(default_factory=list)
+
 
 THUMBNAIL = 160
 

@@ -14,9 +14,13 @@ from typing import Any
 
 import gradio as gr
 
+from ..config import ChatConfig
 from ..pipeline import Fromage, RetrievedImage
 from .chat import Conversation, Turn
 from .transcript import save_html
+
+DEFAULTS = ChatConfig()
+"""The settings panel starts at the chat's defaults."""
 
 
 def _messages(turns: list[Turn]) -> list[dict[str, Any]]:
@@ -54,12 +58,18 @@ def build_ui(bot: Fromage, examples: list[tuple[str, list[str]]] | None = None) 
         saved = gr.File(label="transcript", visible=True, interactive=False)
         with gr.Accordion("Settings", open=False):
             ret_scale = gr.Slider(
-                0.0, 10000.0, value=10000.0, label="ret_scale_factor (how readily images are returned)"
+                0.0,
+                max(10000.0, DEFAULTS.ret_scale_factor),
+                value=DEFAULTS.ret_scale_factor,
+                label="ret_scale_factor (how readily images are returned)",
             )
-            max_images = gr.Slider(0, 4, value=1, step=1, label="max images per answer")
-            max_tokens = gr.Slider(1, 64, value=12, step=1, label="max words (tokens)")
-            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p")
+            images = DEFAULTS.images_per_ret if DEFAULTS.max_rets else 0
+            max_images = gr.Slider(0, 4, value=images, step=1, label="max images per answer")
+            max_tokens = gr.Slider(1, 64, value=DEFAULTS.max_new_tokens, step=1, label="max words (tokens)")
+            temperature = gr.Slider(
+                0.0, 1.5, value=DEFAULTS.temperature, step=0.05, label="temperature (0 = greedy)"
+            )
+            top_p = gr.Slider(0.05, 1.0, value=DEFAULTS.top_p, step=0.05, label="top-p")
         if examples:
             gr.Examples([{"text": t, "files": f} for t, f in examples], inputs=box, label="examples")
 
@@ -71,7 +81,7 @@ def build_ui(bot: Fromage, examples: list[tuple[str, list[str]]] | None = None) 
                 raise gr.Error("Type a message or attach an image.")
             chat = Conversation(
                 bot,
-                memory=0,
+                memory=DEFAULTS.memory,
                 ret_scale_factor=float(scale),
                 max_rets=1 if n_images else 0,
                 images_per_ret=max(int(n_images), 1),

@@ -17,12 +17,13 @@ from ..backbones.vision import FrozenImageEncoder
 from ..config import DataConfig
 from ..paths import subdir
 from .augment import restyle
-from .builtin import easyvqa_examples, emoji_examples
+from .digest import file_digest
 from .examples import Example
-from .features import FeatureCache, file_digest
+from .feature_cache import FeatureCache
 from .images import ImageError, load_image
 from .readers import BadInputLog, read_collection
 from .shards import holdout_key, is_shard_source, read_shards, shard_set_name
+from .sources import TRAINING_FAMILIES, family_sets
 
 
 @dataclass
@@ -40,15 +41,12 @@ def build_examples(config: DataConfig, bad: BadInputLog) -> tuple[list[Example],
     train: list[Example] = []
     val: dict[str, list[Example]] = {}
     for source in config.sources:
-        if source == "emoji":
-            frac = config.heldout_concept_fraction
-            train += emoji_examples("google", "train", frac)
-            # Galleries hold every concept; queries are scored per trained/held-out concept.
-            val["emoji-google"] = emoji_examples("google", "all", frac)
-            val["emoji-twitter"] = emoji_examples("twitter", "all", frac)
-        elif source == "easyvqa":
-            train += easyvqa_examples("train", config.easyvqa_per_class)
-            val["easyvqa-test"] = easyvqa_examples("test", 4)
+        if source in TRAINING_FAMILIES:
+            family_train, family_val = family_sets(
+                source, config.heldout_concept_fraction, config.easyvqa_per_class
+            )
+            train += family_train
+            val.update(family_val)
         elif is_shard_source(source):
             # Webdataset shards (data/shards.py): the same stable 1% (at most 500) holdout,
             # hashed on shard file name + member so it does not depend on where shards live.
@@ -61,7 +59,10 @@ def build_examples(config: DataConfig, bad: BadInputLog) -> tuple[list[Example],
         else:
             path = Path(source)
             if not path.exists():
-                raise FileNotFoundError(f"data source {source!r} is neither a built-in set nor a file")
+                raise FileNotFoundError(
+                    f"data source {source!r} is neither a training family ({', '.join(TRAINING_FAMILIES)}) "
+                    "nor a .tsv/.jsonl file nor .tar shards"
+                )
             rows = read_collection(path, config.image_dir or None, bad)
             # A stable 1% (at most 500) of a file's rows is held out for validation.
             # Hash the path as written relative to the file, so every machine holds out the same rows.

@@ -1,0 +1,273 @@
+"""The FastAPI app: routes over one `Fromage` pipeline, and `serve` (uvicorn)."""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ...config import ServeConfig
+from ...data.shards import read_member, split_tar_ref
+from ...pipeline import Fromage, PromptItem, RetrievedImage
+from .batching import MicroBatcher, caption_jobs
+from .images import decode_data_url, fetch_allowed
+from .middleware import BodyLimit
+from .schemas import (
+    ApiError,
+    CaptionRequest,
+    ChatRequest,
+    Message,
+    RetrieveRequest,
+    TextPart,
+    describe_errors,
+    error_response,
+)
+
+
+def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
+    config = config or ServeConfig()
+    app = FastAPI(title="fromage", description=__doc__.split("\n\n")[0] if __doc__ else "")
+    lock = threading.Lock()
+    retrieve_queue = MicroBatcher(
+        lambda jobs: bot.retrieve_batch([p for p, _ in jobs], k=max(k for _, k in jobs)),
+        lock,
+        config.batch_size,
+        config.batch_wait_ms,
+    )
+    caption_queue = MicroBatcher(
+        lambda jobs: caption_jobs(bot, jobs), lock, config.batch_size, config.batch_wait_ms
+    )
+    app.state.batchers = {"retrieve": retrieve_queue, "caption": caption_queue}
+    app.add_middleware(
+        BodyLimit,  # type: ignore[arg-type]
+        limit=config.max_body_bytes,
+        timeout_s=config.body_timeout_s,
+    )
+
+    @app.exception_handler(ApiError)
+    async def _apierror_response(_: Request, error: ApiError) -> JSONResponse:
+        return error_response(error.status, error.message, error.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(400, describe_errors(error.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(
+            error.status_code, str(error.detail), "not_found" if error.status_code == 404 else "http"
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:  # never a stack trace
+        return error_response(500, "internal error", "server_error")
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+                return error_response(
+                    401, "missing or wrong API key (Authorization: Bearer …)", "authentication_error"
+                )
+        return await call_next(request)
+
+    def decode_image(url: str) -> Image.Image:
+        if url.startswith(("http://", "https://")):
+            url = fetch_allowed(url, config)
+        return decode_data_url(url, config.max_image_pixels)
+
+    def prompt_of(messages: list[Message]) -> list[PromptItem]:
+        items: list[PromptItem] = []
+        images = 0
+        for message in messages:
+            if items:
+                items.append("\n")
+            parts = (
+                [TextPart(type="text", text=message.content)]
+                if isinstance(message.content, str)
+                else message.content
+            )
+            for part in parts:
+                if isinstance(part, TextPart):
+                    items.append(part.text)
+                else:
+                    images += 1
+                    if images > config.max_images_per_request:
+                        raise ApiError(
+                            400, f"too many images: more than {config.max_images_per_request} in one request"
+                        )
+                    items.append(decode_image(part.image_url.url))
+        return items
+
+    def check_prompt(prompt: list[PromptItem]) -> int:
+        """Refuse empty or too long prompts; returns the prompt's length in tokens."""
+        if not any((isinstance(p, str) and p.strip()) or isinstance(p, Image.Image) for p in prompt):
+            raise ApiError(400, "the prompt has no text and no image")
+        tokens = len(bot.encode(prompt).input_ids[0])
+        if tokens > config.max_prompt_tokens:
+            raise ApiError(400, f"prompt is {tokens} tokens, limit {config.max_prompt_tokens}")
+        return tokens
+
+    def image_json(img: RetrievedImage) -> dict[str, Any]:
+        return {
+            "id": img.row,
+            "caption": img.caption,
+            "score": round(img.score, 4),
+            "url": f"/v1/images/{img.row}",
+        }
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": config.model_id,
+            "images": 0 if bot.index is None else len(bot.index),
+        }
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "owned_by": "fromage"}]}
+
+    @app.get("/v1/images/{image_id}", response_model=None)
+    def image(image_id: int) -> FileResponse | Response:
+        if bot.index is None or not 0 <= image_id < len(bot.index):
+            raise ApiError(404, f"no image {image_id} in the index", "not_found")
+        path = bot.index.metadata[image_id]["path"]
+        member = split_tar_ref(path)
+        if member is None:
+            if not Path(path).is_file():
+                raise ApiError(404, f"image {image_id} is in the index but its file is gone", "not_found")
+            return FileResponse(path)
+        # An image inside a webdataset shard (`shard.tar#key.jpg`): its bytes, typed by suffix.
+        try:
+            data = read_member(*member)
+        except OSError as exc:
+            raise ApiError(
+                404, f"image {image_id} is in the index but unreadable ({exc})", "not_found"
+            ) from None
+        return Response(data, media_type=mimetypes.guess_type(member[1])[0] or "application/octet-stream")
+
+    @app.post("/v1/retrieve")
+    def retrieve(body: RetrieveRequest) -> dict[str, Any]:
+        if bot.index is None:
+            raise ApiError(400, "the server has no image index: retrieval is unavailable")
+        if len(body.images) > config.max_images_per_request:
+            raise ApiError(400, f"too many images: {len(body.images)}, limit {config.max_images_per_request}")
+        prompt: list[PromptItem] = [decode_image(u) for u in body.images]
+        if body.text:
+            prompt.append(body.text)
+        check_prompt(prompt)
+        found = retrieve_queue.submit((prompt, body.k))[: body.k]
+        return {"object": "list", "data": [image_json(f) for f in found]}
+
+    @app.post("/v1/caption")
+    def caption(body: CaptionRequest) -> dict[str, Any]:
+        if body.max_tokens > config.max_tokens_limit:
+            raise ApiError(400, f"max_tokens is {body.max_tokens}, limit {config.max_tokens_limit}")
+        picture = decode_image(body.image)
+        return {"caption": caption_queue.submit((picture, body.max_tokens))}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    def chat(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
+        max_tokens = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
+        if max_tokens > config.max_tokens_limit:
+            raise ApiError(400, f"max_tokens is {max_tokens}, limit {config.max_tokens_limit}")
+        prompt = prompt_of(body.messages)
+        prompt_tokens = check_prompt(prompt)
+        settings: dict[str, Any] = {
+            "max_new_tokens": max_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "ret_scale_factor": body.ret_scale_factor,
+            "max_rets": 1 if body.max_images else 0,
+            "images_per_ret": max(body.max_images, 1),
+            "stop": tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()),
+        }
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        model_id = config.model_id
+        if body.stream:
+
+            def events() -> Iterator[str]:
+                def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+                    data = {
+                        "id": completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model_id,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    }
+                    return f"data: {json.dumps(data)}\n\n"
+
+                yield chunk({"role": "assistant", "content": ""})
+                with lock:
+                    for piece in bot.stream(prompt, seed=body.seed, **settings):
+                        if isinstance(piece, str):
+                            yield chunk({"content": piece})
+                        else:
+                            yield chunk({"content": "", "images": [image_json(i) for i in piece]})
+                yield chunk({}, "stop")
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        with lock:
+            answer = bot.generate(prompt, seed=body.seed, **settings)
+        text = "".join(p for p in answer if isinstance(p, str))
+        images = [image_json(p) for p in answer if isinstance(p, RetrievedImage)]
+        # The answer text re-tokenised, plus the one `[RET]` that retrieved its images.
+        completion = _token_count(bot, text) + (1 if images else 0)
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "images": images},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion,
+            },
+        }
+
+    return app
+
+
+def _token_count(bot: Fromage, text: str) -> int:
+    return len(bot.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+
+def serve(
+    checkpoint: str | Path,
+    index: str | Path | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: ServeConfig | None = None,
+) -> None:
+    import uvicorn
+
+    bot = Fromage.from_pretrained(checkpoint, index=index)
+    config = config or ServeConfig()
+    uvicorn.run(
+        create_app(bot, config),
+        host=host,
+        port=port,
+        log_level="info",
+        limit_concurrency=config.max_connections,
+    )
