@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 import torch
 
-from fromage.index.store import approximate_search, build_faiss, exact_search, measure_recall
+from fromage.index.search import approximate_search, build_faiss, exact_search, measure_recall
 
 K = 10
 

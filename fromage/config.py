@@ -3,6 +3,10 @@
 This module imports nothing from the package. Every config is a dataclass validated in
 ``__post_init__``; names of backbones are strings, never classes, so a config saved next to
 the weights can rebuild the model anywhere.
+
+Every setting of the package has its one default here (the CLI's flags, the web demo and the
+server read them from these classes). That is why this file is over 400 lines: splitting it
+would put settings in several places again.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ The model does no I/O, tokenising or printing. Sequences reach it as token ids i
 passed alongside) and `model.ret_token_id` (one past the frozen vocabulary) marks `[RET]`.
 `[RET]` is its own small parameter spliced into the input embeddings, with its own output row
 when the LM's head is untied; the frozen embedding matrix is never resized or touched.
+
+Over 400 lines: one class with its typed outputs. The split retrieval pass (the frozen prefix
+in `encode_text_prefix`, `[RET]` on top in `retrieval_from_prefix`) stays beside `forward`,
+which it must equal (tested).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from fromage.index.store import BadIndex, ImageIndex, brute_force_search
+from fromage.index.search import brute_force_search
+from fromage.index.store import BadIndex, ImageIndex
 
 
 def _unit(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
@@ -179,7 +180,7 @@ def test_ivfpq_finds_the_brute_force_neighbours_of_held_out_queries(pq_data):
 
 
 def test_chunked_build_from_a_memmap_equals_the_in_memory_build(tmp_path, pq_data):
-    from fromage.index.store import build_faiss
+    from fromage.index.search import build_faiss
 
     np.save(tmp_path / "e.npy", pq_data)
     mapped = np.load(tmp_path / "e.npy", mmap_mode="r")
@@ -206,7 +207,7 @@ def test_memory_mapped_load_answers_like_a_normal_load(tmp_path, pq_data, kind):
 
 
 def test_recall_is_the_hand_computed_overlap_with_exact_search():
-    from fromage.index.store import measure_recall
+    from fromage.index.search import measure_recall
 
     rows = np.eye(4, dtype=np.float32)[[0, 0, 1, 1, 2, 3]] * np.array([[1.0], [0.9], [1.0], [0.8], [1], [1]])
     queries = np.eye(4, dtype=np.float32)[[0, 1]]  # exact top-2: {0, 1} and {2, 3}
@@ -227,7 +228,7 @@ def test_recall_is_the_hand_computed_overlap_with_exact_search():
 
 
 def test_exact_search_in_row_chunks_equals_brute_force():
-    from fromage.index.store import exact_search, rescore
+    from fromage.index.search import exact_search, rescore
 
     data, queries = _unit(1_000, seed=4), _unit(20, seed=5)
     want_s, want_i = brute_force_search(data, queries, 7)

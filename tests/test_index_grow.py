@@ -11,10 +11,11 @@ import json
 import numpy as np
 import pytest
 
-from fromage.index import store as index_module
+from fromage.index import search as search_module
 from fromage.index.jsonl_rows import ChainedRows, JsonlRows, row_of_digest, write_rows
 from fromage.index.row_blocks import RowBlocks
-from fromage.index.store import ImageIndex, brute_force_search
+from fromage.index.search import brute_force_search
+from fromage.index.store import ImageIndex
 
 from .test_index import _clustered, _unit
 
@@ -110,7 +111,7 @@ def test_a_grown_ivfpq_index_adds_rows_to_its_trained_lists(tmp_path):
     assert grown.manifest.index_type == "ivfpq" and grown.faiss_index.ntotal == 12_000
     assert grown.manifest.params == loaded.manifest.params  # same lists, same settings: not retrained
     centroids = [
-        index_module._faiss().downcast_index(i.faiss_index.quantizer).reconstruct_n(0, 64)
+        search_module.load_faiss().downcast_index(i.faiss_index.quantizer).reconstruct_n(0, 64)
         for i in (loaded, grown)
     ]
     np.testing.assert_array_equal(*centroids)
@@ -137,7 +138,7 @@ def test_an_index_is_rebuilt_when_it_outgrows_its_lists_or_its_type(tmp_path, mo
     assert rebuilt.manifest.params["trained_for"] == 9_000 and rebuilt.manifest.params["nlist"] != 16
     assert rebuilt.faiss_index.ntotal == 9_000 and list(rebuilt.metadata) == _meta(9_000)
     # `auto` outgrowing an exact index switches type (the limit lowered to keep this small).
-    monkeypatch.setattr(index_module, "EXACT_LIMIT", 100)
+    monkeypatch.setattr(search_module, "EXACT_LIMIT", 100)
     flat = ImageIndex.build(data[:80], _meta(80), "e", "c", "auto")
     assert flat.manifest.index_type == "flat"
     assert flat.extend(data[80:90], _meta(10, start=80)).manifest.index_type == "flat"
@@ -159,7 +160,7 @@ def test_extend_copies_the_new_rows_and_grows_hnsw_in_place(tmp_path):
 
 def test_a_rebuild_keeps_settings_it_was_given_and_rederives_defaults(monkeypatch):
     # Re-ranking depth by size, as above 2M rows by default, with the threshold at 3,000 rows.
-    monkeypatch.setattr(index_module, "_default_rerank", lambda n: 10 if n <= 3_000 else 20)
+    monkeypatch.setattr(search_module, "default_rerank", lambda n: 10 if n <= 3_000 else 20)
     data = _clustered(6_000)
     sizes = {"nlist": 16, "train_rows": 2_000}
     given = ImageIndex.build(

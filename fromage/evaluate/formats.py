@@ -4,7 +4,8 @@ Pure Python (json + pathlib), importing nothing from the package. Every loader r
 items together with `skipped`, a count per reason of what it left out, and raises
 `FormatError` (a `ValueError` naming the file and the offending spot) when a file does not
 have the published structure. Nothing is dropped without being counted; an item is counted
-once, under the first reason that applies.
+once, under the first reason that applies. (Over 400 lines: most of it is the record of
+what the published evaluation did, kept next to the code that reproduces it.)
 
 What FROMAGe's own evaluation did, read from kohjingyu/fromage `evals/eval_vist_retrieval.py`
 (commit 59fdb63) and `evals/eval_visdial_generation.py` (commit 51fb06a):
