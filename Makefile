@@ -62,6 +62,7 @@ lint: setup
 	$(VENV)/bin/ruff check fromage tests
 	$(VENV)/bin/ruff format --check fromage tests
 	$(VENV)/bin/mypy fromage
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs

@@ -313,31 +313,61 @@ class ServeConfig:
 
 
 @dataclass
-class ChatConfig:
-    """A conversation's settings (`fromage chat`, the web demo, the scripted demo); the
-    generation ones are `GenerationConfig`'s, tuned for chat."""
+class GenerationConfig:
+    """How an answer is decoded (generate.py)."""
 
-    memory: int = 0
-    """Earlier exchanges (user + answer) each prompt includes (0 for the shipped model: apps/chat.py says why)."""
     max_new_tokens: int = 32
     """Longest answer, in tokens."""
     temperature: float = 0.0
     """0 = greedy; otherwise sample from softmax(logits / temperature)."""
     top_p: float = 1.0
     """Sample only from the smallest set of tokens whose probability reaches top_p."""
-    ret_scale_factor: float = 1e4
-    """Multiplies the probability of `[RET]`: a chat answers requests with an image, and the small shipped LM gives `[RET]` a low probability even where an image belongs."""
-    images_per_ret: int = 1
-    """Images retrieved at each `[RET]`."""
+    ret_scale_factor: float = 1.0
+    """Multiplies the probability of `[RET]` (then renormalised): >1 more images, <1 fewer."""
+    min_word_tokens: int = 0
+    """No `[RET]` before this many tokens have been generated."""
     max_rets: int = 1
     """At most this many `[RET]`s per answer (0: text only)."""
+    images_per_ret: int = 1
+    """Images retrieved at each `[RET]` (the best ones not already in the conversation)."""
+    stop: tuple[str, ...] = ()
+    """The answer ends before the first occurrence of any of these strings (not included)."""
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.ret_scale_factor < 0:
+            raise ValueError(f"ret_scale_factor must be >= 0, got {self.ret_scale_factor}")
+        if self.images_per_ret < 1:
+            raise ValueError(f"images_per_ret must be >= 1, got {self.images_per_ret}")
+        if isinstance(self.stop, str):  # a lone string is one stop string, not its characters
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+@dataclass
+class ChatConfig(GenerationConfig):
+    """A conversation's settings (`fromage chat`, the web demo, the scripted demo): the
+    generation settings, tuned for chat, plus how much of the conversation each prompt reads."""
+
+    ret_scale_factor: float = 1e4
+    """Multiplies the probability of `[RET]`: a chat answers requests with an image, and the small shipped LM gives `[RET]` a low probability even where an image belongs."""
+    memory: int = 0
+    """Earlier exchanges (user + answer) each prompt includes (0 for the shipped model: apps/chat.py says why)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.memory < 0:
             raise ValueError(f"memory must be >= 0, got {self.memory}")
 
     def generation(self) -> dict[str, Any]:
-        """The `GenerationConfig` overrides of this chat."""
+        """The `GenerationConfig` settings of this chat."""
         settings = dataclasses.asdict(self)
         settings.pop("memory")
         return settings
@@ -427,25 +457,26 @@ def _parse_value(name: str, raw: str, hint: Any) -> Any:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (its first line), read from the
-    class's source: they become CLI help, so each setting is described once, where it is defined."""
+    """The docstring written under each field of a dataclass (its bases' too), read from the
+    classes' source: they become CLI help, so each setting is described once, where it is defined."""
     import ast
     import inspect
     import textwrap
 
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):  # no source (e.g. a frozen build): no help, not an error
-        return {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs: dict[str, str] = {}
-    for node, after in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(after.value.value.split())
+    for klass in reversed(cls.__mro__[:-1]):  # bases first: a subclass's docstring wins
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # no source (e.g. a frozen build): no help, not an error
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
     return docs

@@ -18,47 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import GenerationConfig
 from .model import FromageModel
 from .tokens import IMAGE_TOKEN_ID, SpecialTokens
 
 CAPTION_TOKENS = 24
 """Longest greedy caption, in tokens (the paper's maximum caption length)."""
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    """0 = greedy; otherwise sample from softmax(logits / temperature)."""
-    top_p: float = 1.0
-    """Sample only from the smallest set of tokens whose probability reaches top_p."""
-    ret_scale_factor: float = 1.0
-    """Multiplies the probability of `[RET]` (then renormalised): >1 more images, <1 fewer."""
-    min_word_tokens: int = 0
-    """No `[RET]` before this many tokens have been generated."""
-    max_rets: int = 1
-    """At most this many `[RET]`s per answer (0: text only)."""
-    images_per_ret: int = 1
-    """Images retrieved at each `[RET]` (the best ones not already in the conversation)."""
-    stop: tuple[str, ...] = ()
-    """The answer ends before the first occurrence of any of these strings (not included)."""
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.ret_scale_factor < 0:
-            raise ValueError(f"ret_scale_factor must be >= 0, got {self.ret_scale_factor}")
-        if self.images_per_ret < 1:
-            raise ValueError(f"images_per_ret must be >= 1, got {self.images_per_ret}")
-        if isinstance(self.stop, str):  # a lone string is one stop string, not its characters
-            self.stop = (self.stop,)
-        self.stop = tuple(self.stop)
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
 
 
 @dataclass

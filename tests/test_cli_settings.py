@@ -32,3 +32,9 @@ def test_every_setting_has_a_flag_and_help_from_its_docstring():
     for field in dataclasses.fields(ServeConfig):
         assert "--" + field.name.replace("_", "-") in help_text, field.name
         assert field.name in docs, f"ServeConfig.{field.name} has no docstring"
+
+
+def test_inherited_settings_keep_their_docstrings():
+    docs = field_docs(ChatConfig)
+    assert docs["top_p"].startswith("Sample only from")  # from GenerationConfig
+    assert "chat answers requests" in docs["ret_scale_factor"]  # ChatConfig's own wins
