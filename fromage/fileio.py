@@ -60,3 +60,8 @@ def sha1_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def stable_bucket(key: str, buckets: int = 10_000) -> int:
+    """A string's bucket in [0, buckets), the same on every machine and run (held-out splits)."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % buckets

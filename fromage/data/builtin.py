@@ -10,7 +10,6 @@ renderings test transfer across drawing styles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import stable_bucket
 from ..paths import subdir
 from .examples import Example
 
@@ -95,8 +95,7 @@ def emoji_concepts(style: str = "google") -> list[EmojiConcept]:
 
 def is_heldout(name: str, fraction: float) -> bool:
     """Stable concept split: the same names are held out on every machine and run."""
-    bucket = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) % 10_000
-    return bucket < fraction * 10_000
+    return stable_bucket(name) < fraction * 10_000
 
 
 def emoji_examples(style: str, split: str, heldout_fraction: float = 0.1) -> list[Example]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..backbones.vision import FrozenImageEncoder
 from ..config import DataConfig
+from ..fileio import stable_bucket
 from ..paths import subdir
 from .augment import restyle
 from .digest import file_digest
@@ -51,7 +51,7 @@ def build_examples(config: DataConfig, bad: BadInputLog) -> tuple[list[Example],
             # Webdataset shards (data/shards.py): the same stable 1% (at most 500) holdout,
             # hashed on shard file name + member so it does not depend on where shards live.
             rows = read_shards(source, bad)
-            held = [r for r in rows if _bucket(holdout_key(r)) < 100][:500]
+            held = [r for r in rows if stable_bucket(holdout_key(r)) < 100][:500]
             held_set = {id(r) for r in held}
             train += [r for r in rows if id(r) not in held_set]
             if held:
@@ -66,7 +66,7 @@ def build_examples(config: DataConfig, bad: BadInputLog) -> tuple[list[Example],
             rows = read_collection(path, config.image_dir or None, bad)
             # A stable 1% (at most 500) of a file's rows is held out for validation.
             # Hash the path as written relative to the file, so every machine holds out the same rows.
-            held = [r for r in rows if _bucket(os.path.relpath(r.image, path.parent)) < 100][:500]
+            held = [r for r in rows if stable_bucket(os.path.relpath(r.image, path.parent)) < 100][:500]
             held_set = {id(r) for r in held}
             train += [r for r in rows if id(r) not in held_set]
             if held:
@@ -74,10 +74,6 @@ def build_examples(config: DataConfig, bad: BadInputLog) -> tuple[list[Example],
     if not train:
         raise ValueError(f"no training examples in sources {config.sources}")
     return train, val
-
-
-def _bucket(key: str) -> int:
-    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 10_000
 
 
 @dataclass
