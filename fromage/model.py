@@ -56,9 +56,11 @@ class RetrievalPass:
 
 @dataclass
 class TextPrefix:
-    """Frozen-LM results for left-padded `[BOS] text` rows; no trained parameter involved."""
+    """Frozen-LM results for left-padded `[BOS] text` rows (images, when the prompt has some,
+    read through the visual map as constants); nothing here carries a gradient."""
 
-    mask: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T) attention mask
+    predicts: torch.Tensor  # (B, T) bool: positions in the LM loss (text predicting text or [RET])
     targets: torch.Tensor  # (B, T) next-token targets, [RET] after the last token
     last_hidden: torch.Tensor  # (B, T, d)
     frozen_lse: torch.Tensor  # (B, T) logsumexp over the frozen vocabulary
@@ -84,6 +86,7 @@ class TextPrefix:
 
         return TextPrefix(
             mask=torch.cat([pad(p.mask, 1) for p in parts]),
+            predicts=torch.cat([pad(p.predicts, 1) for p in parts]),
             targets=torch.cat([pad(p.targets, 1) for p in parts]),
             last_hidden=torch.cat([pad(p.last_hidden, 1) for p in parts]),
             frozen_lse=torch.cat([pad(p.frozen_lse, 1) for p in parts]),
@@ -99,6 +102,7 @@ class TextPrefix:
         t0 = mask.shape[1] - width
         return TextPrefix(
             mask=mask[:, t0:],
+            predicts=self.predicts[rows, t0:],
             targets=self.targets[rows, t0:],
             last_hidden=self.last_hidden[rows, t0:],
             frozen_lse=self.frozen_lse[rows, t0:],
@@ -346,30 +350,42 @@ class FromageModel(nn.Module):
         return self.full_logits(hidden), targets
 
     @torch.no_grad()
-    def encode_text_prefix(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor) -> TextPrefix:
-        """Everything the retrieval pass needs from left-padded `[BOS] caption` rows (B, T).
-        Nothing here depends on trained parameters, so training computes it once per caption
-        and reuses it every step (see `TextPrefix.select`)."""
+    def encode_text_prefix(
+        self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, image_features: torch.Tensor | None = None
+    ) -> TextPrefix:
+        """Everything the retrieval pass needs from left-padded `[BOS] …` rows (B, T). For text
+        alone nothing here depends on trained parameters, so training computes it once per
+        caption and reuses it every step (see `TextPrefix.select`). Rows with image slots
+        (`image_features`: (n, F) for the n images in row-major order) read them through the
+        current visual map, as constants: the retrieval pass trains only `[RET]` and the
+        retrieval maps, and the captioning pass trains the visual map."""
         ret_id = self.ret_token_id
         position_ids = (prefix_mask.long().cumsum(1) - 1).clamp_min(0)
         out = self.forward(
-            prefix_ids, prefix_mask, position_ids=position_ids, use_cache=True, compute_logits=False
+            prefix_ids,
+            prefix_mask,
+            image_features,
+            position_ids=position_ids,
+            use_cache=True,
+            compute_logits=False,
         )
         # Each token predicts the next; the last real token (left padding: the last column)
-        # predicts [RET].
+        # predicts [RET]. Image slots neither predict nor are predicted in the LM loss.
         targets = torch.cat([prefix_ids[:, 1:], torch.full_like(prefix_ids[:, :1], ret_id)], 1)
+        predicts = prefix_mask.bool() & (prefix_ids != IMAGE_TOKEN_ID) & (targets != IMAGE_TOKEN_ID)
         # The (B, T, V) vocabulary logits are reduced a few rows at a time: whole, they would
         # be the largest tensor of training (0.3 GB for 64 captions of a 49k vocabulary).
         lse, frozen_target = [], []
         for start in range(0, prefix_ids.shape[0], 8):
             frozen = self.lm.logits(out.last_hidden[start : start + 8]).float()  # (8, T, V)
-            rows = targets[start : start + 8].clamp(max=frozen.shape[2] - 1)
+            rows = targets[start : start + 8].clamp(0, frozen.shape[2] - 1)
             lse.append(frozen.logsumexp(-1))
             frozen_target.append(frozen.gather(2, rows.unsqueeze(2))[..., 0])
         keys = torch.stack([layer.keys for layer in out.cache.layers])  # (L, B, H, T, hd)
         values = torch.stack([layer.values for layer in out.cache.layers])
         return TextPrefix(
             mask=prefix_mask,
+            predicts=predicts,
             targets=targets,
             last_hidden=out.last_hidden,
             frozen_lse=torch.cat(lse),
@@ -383,7 +399,7 @@ class FromageModel(nn.Module):
         and one `[RET]` step on top of the cached keys/values."""
         from transformers import DynamicCache
 
-        predicting = prefix.mask.bool()  # (B, T)
+        predicting = prefix.predicts  # (B, T)
         hidden = prefix.last_hidden[predicting]  # (N, d)
         ret_logit = self.ret_logits(hidden)  # (N,): gradient reaches the [RET] output row
         cache = DynamicCache()

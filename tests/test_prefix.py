@@ -31,3 +31,33 @@ def test_prefix_cat_left_pads(special):
     both = TextPrefix.cat([a, b])
     assert both.mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     assert both.keys.shape[3] == 4
+
+
+def test_a_prefix_with_images_matches_the_full_sequence(special):
+    """Retrieval contexts with images (stories, chats): the prefix reads the images through the
+    visual map as constants, and `[RET]` on top equals running the whole prompt + `[RET]`
+    through `forward`; the LM loss counts only text positions (none predicts an image slot)."""
+    from fromage.tokens import IMAGE_TOKEN_ID, left_pad
+
+    for make in (tiny_llama, tiny_opt):
+        model = build_model(make(), k=2)
+        img = [IMAGE_TOKEN_ID] * 2
+        rows = [[special.bos, 5, 6, *img, 7, *img, 8], [special.bos, *img, 9], [special.bos, 10, 11]]
+        feats = torch.randn(3, 24)  # row 0 has two images, row 1 one, row 2 none
+        ids, mask = left_pad(rows, special.pad)
+        prefix = model.encode_text_prefix(ids, mask, feats)
+        fast = model.retrieval_from_prefix(prefix)
+        naive = []
+        for row, f in ((rows[0], feats[:2]), (rows[1], feats[2:]), (rows[2], None)):
+            out = model(torch.tensor([[*row, model.ret_token_id]]), image_features=f)
+            naive.append(out.ret_hidden[0, -1])
+            # Predicting positions: text inputs whose next token is text or [RET].
+            full = [*row, model.ret_token_id]
+            keep = [t for t in range(len(row)) if full[t] != IMAGE_TOKEN_ID and full[t + 1] != IMAGE_TOKEN_ID]
+            expected = out.logits[0, keep].logsumexp(-1)
+            got = torch.logaddexp(fast.frozen_lse, fast.ret_logit)
+            start = sum(int(p.sum()) for p in prefix.predicts[: len(naive) - 1])
+            torch.testing.assert_close(got[start : start + len(keep)], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.ret_hidden, torch.stack(naive), atol=1e-4, rtol=1e-4)
+            # row 0: bos→5, 5→6, 8→[RET]; row 1: 9→[RET] only; row 2: bos→10, 10→11, 11→[RET]
+        assert prefix.predicts.sum(1).tolist() == [3, 1, 3]

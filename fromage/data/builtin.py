@@ -24,12 +24,17 @@ import numpy as np
 
 from ..fileio import stable_bucket
 from ..paths import subdir
+from .emoji_styles import EXTRA_STYLES, code_key, style_dir
 from .examples import Example
 
 log = logging.getLogger(__name__)
 
 EMOJI_VERSION = "16.0.0"
 EMOJI_STYLES = ("google", "twitter")
+"""Styles of emoji-datasource (its concept list is the Google one)."""
+ALL_STYLES = (*EMOJI_STYLES, *EXTRA_STYLES)
+TRAINING_STYLES = ("google", *EXTRA_STYLES)
+"""Freely licensed styles the ship recipe trains on; Twitter stays unseen."""
 
 
 @dataclass(frozen=True)
@@ -98,16 +103,31 @@ def is_heldout(name: str, fraction: float) -> bool:
     return stable_bucket(name) < fraction * 10_000
 
 
+def style_images(style: str) -> Path:
+    """Directory of a style's 64 px images, named like emoji-datasource's (`1f34e.png`)."""
+    if style in EMOJI_STYLES:
+        return emoji_dir(style) / "img" / style / "64"
+    if style not in EXTRA_STYLES:
+        raise ValueError(f"emoji style must be one of {', '.join(ALL_STYLES)}; got {style!r}")
+    wanted = {code_key(Path(c.image).stem): c.image for c in emoji_concepts("google")}
+    return style_dir(style, wanted)
+
+
 def emoji_examples(style: str, split: str, heldout_fraction: float = 0.1) -> list[Example]:
-    """`split`: "train" (trained concepts), "heldout" (never-trained concepts) or "all"."""
+    """`split`: "train" (trained concepts), "heldout" (never-trained concepts) or "all".
+    Extra styles (emoji_styles.py) hold the Google concepts their package draws."""
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"emoji split must be train, heldout or all; got {split!r}")
-    image_dir = emoji_dir(style) / "img" / style / "64"
+    image_dir = style_images(style)
+    extra = style in EXTRA_STYLES
     out = []
-    for concept in emoji_concepts(style):
+    for concept in emoji_concepts("google" if extra else style):
         held = is_heldout(concept.name, heldout_fraction)
+        path = image_dir / concept.image
+        if extra and not path.exists():
+            continue
         if split == "all" or (split == "heldout") == held:
-            out.append(Example(str(image_dir / concept.image), concept.name, f"emoji-{style}", concept.name))
+            out.append(Example(str(path), concept.name, f"emoji-{style}", concept.name))
     return out
 
 

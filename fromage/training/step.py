@@ -125,7 +125,7 @@ def train_step(
     ret_prefix = data.prefixes.select(data.text_of_example[retrieval_idx])
     # Loss divisors: labelled caption positions and retrieval-pass positions, all processes.
     counts = procs.sum(
-        torch.tensor([(cap.labels[:, 1:] != IGNORE_INDEX).sum(), ret_prefix.mask.sum()], dtype=torch.float64)
+        torch.tensor([(cap.labels[:, 1:] != IGNORE_INDEX).sum(), ret_prefix.predicts.sum()], dtype=torch.float64)
     ).tolist()
 
     hidden, targets = model.caption_hidden(
