@@ -146,6 +146,9 @@ class DataConfig:
     ~2 minutes and 0.03 Twitter-emoji R@1 (BENCHMARKS.md)."""
     qa_retrieval_share: float = 0.6
     """Share of refinement samples of such images that read a dialogue instead of the caption."""
+    emoji_styles: list[str] = field(default_factory=lambda: ["google"])
+    """Drawing styles the `emoji` family trains on: `google` and the freely licensed extra styles
+    `fluent-3d`, `noto`, `fluent-flat` (data/emoji_styles.py). `twitter` is never trained on."""
 
     def __post_init__(self) -> None:
         for name in ("qa_caption_share", "qa_retrieval_share"):
@@ -166,6 +169,49 @@ class DataConfig:
             raise ValueError(f"request_forms must be in 0..8, got {self.request_forms}")
         if not self.sources:
             raise ValueError("data.sources is empty: name at least one dataset")
+        allowed = ("google", "fluent-3d", "noto", "fluent-flat")
+        for style in self.emoji_styles:
+            if style not in allowed:
+                raise ValueError(
+                    f"data.emoji_styles: {style!r} is not a training style (one of {', '.join(allowed)}; "
+                    "twitter stays unseen)"
+                )
+        if not self.emoji_styles:
+            raise ValueError("data.emoji_styles is empty: name at least one style")
+
+
+@dataclass
+class TaskMix:
+    """Retrieval-pass contexts drawn fresh each step beside the captions (training/tasks.py):
+    prompts that end in a request, so `[RET]` learns to read the request in its context. The
+    kind shares are relative weights."""
+
+    batch_size: int = 0
+    """Contexts per step in the retrieval pass (0 = none: the quick recipe's captions only)."""
+    request: float = 0.3
+    """One request sentence in a training template ("can you show me an apple?")."""
+    dialogue: float = 0.15
+    """easy-VQA rounds whose answers settle the image."""
+    story: float = 0.15
+    """Four `name. [image]` pairs of an emoji family, then the fifth name without the family word."""
+    category: float = 0.15
+    """Two images of a category, then "show me another fruit"."""
+    chat: float = 0.25
+    """Earlier turns of a conversation (images, answers), then a request."""
+    alias_share: float = 0.3
+    """Share of emoji requests that name the emoji by a shortcode ("apple") instead of its name."""
+    refer_share: float = 0.4
+    """Share of chat requests that refer to the image just shown ("show me another animal")."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 0:
+            raise ValueError(f"tasks.batch_size must be >= 0, got {self.batch_size}")
+        kinds = ("request", "dialogue", "story", "category", "chat")
+        if any(getattr(self, k) < 0 for k in kinds) or not any(getattr(self, k) for k in kinds):
+            raise ValueError("task shares must be >= 0 with at least one above 0")
+        for name in ("alias_share", "refer_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"tasks.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 def embedded_recipe_model() -> ModelConfig:
@@ -180,6 +226,7 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=embedded_recipe_model)
     data: DataConfig = field(default_factory=DataConfig)
+    tasks: TaskMix = field(default_factory=TaskMix)
     output_dir: str = "runs/default"
     seed: int = 0
     max_steps: int = 100_000
@@ -244,6 +291,8 @@ class TrainConfig:
             self.model = _from_dict(ModelConfig, self.model)
         if isinstance(self.data, dict):
             self.data = _from_dict(DataConfig, self.data)
+        if isinstance(self.tasks, dict):
+            self.tasks = _from_dict(TaskMix, self.tasks)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
         if self.refine_steps < 0:

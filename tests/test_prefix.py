@@ -59,5 +59,5 @@ def test_a_prefix_with_images_matches_the_full_sequence(special):
             start = sum(int(p.sum()) for p in prefix.predicts[: len(naive) - 1])
             torch.testing.assert_close(got[start : start + len(keep)], expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(fast.ret_hidden, torch.stack(naive), atol=1e-4, rtol=1e-4)
-            # row 0: bos→5, 5→6, 8→[RET]; row 1: 9→[RET] only; row 2: bos→10, 10→11, 11→[RET]
+        # row 0: bos→5, 5→6, 8→[RET]; row 1: 9→[RET] only; row 2: bos→10, 10→11, 11→[RET]
         assert prefix.predicts.sum(1).tolist() == [3, 1, 3]

@@ -103,6 +103,12 @@ def is_heldout(name: str, fraction: float) -> bool:
     return stable_bucket(name) < fraction * 10_000
 
 
+def is_story_training_family(word: str) -> bool:
+    """Emoji families (names sharing their last word: "red heart", "blue heart") split in two:
+    training stories use these, the offline benchmark's stories the others."""
+    return stable_bucket("family:" + word) < 5_000
+
+
 def style_images(style: str) -> Path:
     """Directory of a style's 64 px images, named like emoji-datasource's (`1f34e.png`)."""
     if style in EMOJI_STYLES:

@@ -43,7 +43,7 @@ def build_examples(config: DataConfig, bad: BadInputLog) -> tuple[list[Example],
     for source in config.sources:
         if source in TRAINING_FAMILIES:
             family_train, family_val = family_sets(
-                source, config.heldout_concept_fraction, config.easyvqa_per_class
+                source, config.heldout_concept_fraction, config.easyvqa_per_class, tuple(config.emoji_styles)
             )
             train += family_train
             val.update(family_val)

@@ -22,6 +22,38 @@ TEMPLATES = (
     "please show {a}{x}",
 )
 
+EXTRA_TEMPLATES = (
+    "give me {a}{x}",
+    "send me {a}{x}",
+    "I'd like {a}{x}",
+    "an image of {a}{x}",
+    "look for {a}{x}",
+    "search for {a}{x}",
+    "where is {a}{x}?",
+    "show {a}{x}",
+    "can I see {a}{x}?",
+    "{x}, please",
+    "get me {a}{x}",
+    "I need {a}{x}",
+)
+"""More forms the ship recipe's retrieval contexts read (training/tasks.py)."""
+TRAINING_TEMPLATES = (*TEMPLATES, *EXTRA_TEMPLATES)
+
+HELD_OUT_TEMPLATES = (
+    "could you pull up {a}{x} for me?",
+    "I'm looking for {a}{x}",
+    "what does {a}{x} look like?",
+    "let me have a look at {a}{x}",
+    "display {a}{x}",
+    "any chance you have {a}{x}?",
+    "I would love to see {a}{x} right now",
+    "bring up {a}{x}",
+    "my friend wants {a}{x}",
+    "time for {a}{x}!",
+)
+"""Sentence forms no training template uses: requests in them measure whether the model learned
+requests or only the templates (evaluate/offline.py). Never train on these."""
+
 _ARTICLES = ("a ", "an ", "the ")
 
 
@@ -31,6 +63,11 @@ def article(noun_phrase: str) -> str:
     if lowered.startswith(_ARTICLES) or not lowered:
         return ""
     return "an " if lowered[0] in "aeiou" else "a "
+
+
+def held_out_request(caption: str, index: int) -> str:
+    """The caption in held-out sentence form `index` (modulo their number)."""
+    return HELD_OUT_TEMPLATES[index % len(HELD_OUT_TEMPLATES)].format(a=article(caption), x=caption)
 
 
 def request_forms(caption: str, count: int) -> list[str]:

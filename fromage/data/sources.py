@@ -36,11 +36,12 @@ def builtin_set(name: str, heldout_fraction: float = 0.1, easyvqa_per_class: int
 
 
 def family_sets(
-    family: str, heldout_fraction: float, easyvqa_per_class: int = 0
+    family: str, heldout_fraction: float, easyvqa_per_class: int = 0, styles: tuple[str, ...] = ("google",)
 ) -> tuple[list[Example], dict[str, list[Example]]]:
-    """A training family → (training examples, validation sets by name)."""
+    """A training family → (training examples, validation sets by name). `styles`: the emoji
+    drawing styles trained on (validation stays Google + Twitter)."""
     if family == "emoji":
-        train = emoji_examples("google", "train", heldout_fraction)
+        train = [e for style in styles for e in emoji_examples(style, "train", heldout_fraction)]
         # Galleries hold every concept; queries are scored per trained/held-out concept.
         return train, {
             name: builtin_set(name, heldout_fraction) for name in ("emoji-google", "emoji-twitter")

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from .prefixes import build_prefixes
 from .refine import refine_after_loop
 from .state import EpochSampler, RunState, remove_stale_temporaries
 from .step import StepData, StepInput, lr_at, pick_caption_texts, train_step, use_bf16
+from .tasks import TaskSampler
 from .texts import TrainTexts, tokenize_families
 from .validate import validate_all
 
@@ -95,7 +97,8 @@ def train(config: TrainConfig) -> TrainResult:
         )
     model.set_feature_stats(split.features[0])
     prefixes = build_prefixes(model, texts.distinct, special, config)
-    data = StepData(split, prefixes, texts.text_of_example, texts.group_ids, special)
+    data = StepData(split, prefixes, texts.text_of_example, texts.group_ids, special, _token_cache(tokenizer))
+    sampler = TaskSampler(split.examples, config.tasks) if config.tasks.batch_size else None
 
     params = model.trainable_parameters()
     n_trainable = sum(p.numel() for p in params)
@@ -135,7 +138,7 @@ def train(config: TrainConfig) -> TrainResult:
         )
 
     samples_per_s, skipped = _loop(
-        model, data, texts, run, config, procs, bf16, start_time, metrics, validate_now
+        model, data, texts, sampler, run, config, procs, bf16, start_time, metrics, validate_now
     )
     # The resumable state is the joint loop's; refinement below only rewrites the checkpoint.
     if procs.is_main:
@@ -209,6 +212,7 @@ def _loop(
     model: FromageModel,
     data: StepData,
     texts: TrainTexts,
+    sampler: TaskSampler | None,
     run: RunState,
     config: TrainConfig,
     procs: Processes,
@@ -251,7 +255,7 @@ def _loop(
                 break
         for group in run.optimizer.param_groups:
             group["lr"] = lr_at(run.step, config, time_progress)
-        parts = _accumulate(model, data, texts, run, config, procs, bf16)
+        parts = _accumulate(model, data, texts, sampler, run, config, procs, bf16)
         procs.sum_gradients(params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         if not (math.isfinite(grad_norm) and all(math.isfinite(p["loss"]) for p in parts)):
@@ -289,6 +293,7 @@ def _accumulate(
     model: FromageModel,
     data: StepData,
     texts: TrainTexts,
+    sampler: TaskSampler | None,
     run: RunState,
     config: TrainConfig,
     procs: Processes,
@@ -298,7 +303,7 @@ def _accumulate(
     interleave = bool(torch.rand((), generator=run.generator) < config.interleave_prob)
     run.optimizer.zero_grad(set_to_none=True)
     parts = []
-    for _ in range(config.grad_accum_steps):
+    for micro in range(config.grad_accum_steps):
         with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=bf16):
             caption_idx = run.caption_sampler.take(config.batch_size)
             caption_texts = pick_caption_texts(
@@ -310,9 +315,25 @@ def _accumulate(
                 run.retrieval_sampler.take(config.retrieval_batch_size),
                 interleave,
             )
+            if sampler is not None:
+                # Drawn from (seed, step, micro-batch) alone: a resumed run draws the same contexts.
+                rng = random.Random(f"{config.seed}/{run.step}/{micro}")
+                batch.contexts = sampler.draw(config.tasks.batch_size, rng)
             scale = 1.0 / config.grad_accum_steps
             parts.append(train_step(model, data, batch, config, run.generator, procs.device, scale, procs))
     return parts
+
+
+def _token_cache(tokenizer: Any) -> Callable[[str], list[int]]:
+    """Text → ids without special tokens, memoised (contexts repeat their pieces)."""
+    cache: dict[str, list[int]] = {}
+
+    def tokenize(text: str) -> list[int]:
+        if text not in cache:
+            cache[text] = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return cache[text]
+
+    return tokenize
 
 
 def _check_streak(streak: int, losses: list[float], grad_norm: float, step: int, config: TrainConfig) -> None:

@@ -77,7 +77,14 @@ def prefix_table_mb(model: FromageModel, texts: list[list[int]], special: Specia
     every layer's keys and values and a hidden state (measured on one probe row)."""
     ids, _ = retrieval_prefix_batch([min(texts, key=len)], special)
     probe = _encode(model, [min(texts, key=len)], special)
-    tensors = (probe.mask, probe.predicts, probe.targets, probe.last_hidden, probe.frozen_lse, probe.frozen_target_logit)
+    tensors = (
+        probe.mask,
+        probe.predicts,
+        probe.targets,
+        probe.last_hidden,
+        probe.frozen_lse,
+        probe.frozen_target_logit,
+    )
     probe_bytes = sum(t.numel() * t.element_size() for t in (*tensors, probe.keys, probe.values))
     per_position = probe_bytes / ids.shape[1]
     return per_position * len(texts) * (max(len(t) for t in texts) + 1) / 2**20

@@ -10,18 +10,20 @@ LM loss including `[RET]` plus symmetric InfoNCE.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from ..config import TrainConfig
 from ..data.collate import caption_batch
 from ..data.dataset import Split
-from ..embed import PrefixSource
+from ..embed import PrefixSource, layout_prompt
 from ..losses import caption_loss, contrastive_loss, linear_cross_entropy, ret_token_loss
-from ..model import FromageModel
-from ..tokens import IGNORE_INDEX, SpecialTokens
+from ..model import FromageModel, TextPrefix
+from ..tokens import IGNORE_INDEX, SpecialTokens, left_pad
 from .distributed import Processes
+from .tasks import Query
 
 
 @dataclass
@@ -37,6 +39,8 @@ class StepData:
     group_ids: torch.Tensor
     """(N,) examples of one group (same caption) are not each other's negatives."""
     special: SpecialTokens
+    tokenize: Callable[[str], list[int]] | None = None
+    """Text → token ids, for retrieval contexts (tasks.py); needed only when steps have some."""
 
 
 @dataclass
@@ -49,6 +53,8 @@ class StepInput:
     retrieval_idx: list[int]
     interleave: bool
     """Pack two caption pairs per row (the paper's interleaving trick)."""
+    contexts: list[Query] = field(default_factory=list)
+    """Retrieval-pass prompts with their target images, beside the caption rows (tasks.py)."""
 
 
 def use_bf16(config: TrainConfig, device: torch.device) -> bool:
@@ -123,9 +129,21 @@ def train_step(
     cap_feats = features[torch.tensor([cap_views[j] for j in cap.image_order]), rows].to(device)
     # (2) retrieval pass: the prefix runs without autograd; only [RET] carries gradients.
     ret_prefix = data.prefixes.select(data.text_of_example[retrieval_idx])
+    image_rows, image_views, target_keep = retrieval_idx, ret_views, keep
+    if batch.contexts:
+        context_prefix, targets, target_views, context_keep = _contexts(
+            model, data, batch.contexts, generator, procs
+        )
+        ret_prefix = TextPrefix.cat([ret_prefix, context_prefix])
+        image_rows = torch.cat([retrieval_idx, targets])
+        image_views = torch.cat([ret_views, target_views])
+        if keep is not None and context_keep is not None:
+            target_keep = torch.cat([keep, context_keep.to(device)])
     # Loss divisors: labelled caption positions and retrieval-pass positions, all processes.
     counts = procs.sum(
-        torch.tensor([(cap.labels[:, 1:] != IGNORE_INDEX).sum(), ret_prefix.predicts.sum()], dtype=torch.float64)
+        torch.tensor(
+            [(cap.labels[:, 1:] != IGNORE_INDEX).sum(), ret_prefix.predicts.sum()], dtype=torch.float64
+        )
     ).tolist()
 
     hidden, targets = model.caption_hidden(
@@ -142,8 +160,8 @@ def train_step(
         ret.frozen_lse, ret.frozen_target_logit, ret.ret_logit, ret.target_is_ret, counts[1]
     )
     text_emb = model.text_embeddings(ret.ret_hidden)
-    image_emb = model.image_embeddings(features[ret_views, retrieval_idx].to(device), keep)
-    groups = data.group_ids[retrieval_idx].to(device)
+    image_emb = model.image_embeddings(features[image_views, image_rows].to(device), target_keep)
+    groups = data.group_ids[image_rows].to(device)
     loss_con, con_logits = contrastive_loss(text_emb, image_emb, model.logit_scale, groups)
 
     weights = (config.caption_loss_weight, config.retrieval_lm_loss_weight, config.contrastive_loss_weight)
@@ -162,3 +180,41 @@ def train_step(
         "contrastive_loss": con,
         "contrastive_acc": float(hits.float().mean()),
     }
+
+
+def _contexts(
+    model: FromageModel,
+    data: StepData,
+    queries: list[Query],
+    generator: torch.Generator,
+    procs: Processes,
+) -> tuple[TextPrefix, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The frozen prefixes of this process's share of the context prompts (their images read
+    through the current visual map, without autograd) → (prefix, (n,) target rows, (n,) target
+    views, (n, F) feature-dropout mask or None). Views and masks are drawn for the global batch
+    first, so any number of processes draws the same."""
+    if data.tokenize is None:
+        raise ValueError("retrieval contexts need StepData.tokenize")
+    features = data.split.features
+    views, dim = features.shape[0], features.shape[2]
+    n = len(queries)
+    pieces = [sum(isinstance(p, int) for p in q.pieces) for q in queries]
+    piece_views = torch.randint(0, views, (sum(pieces),), generator=generator).split(pieces)
+    target_views = torch.randint(0, views, (n,), generator=generator)
+    p_drop = model.config.feature_dropout
+    keep = torch.rand(n, dim, generator=generator) >= p_drop if p_drop > 0 else None
+    mine = procs.shard(list(range(n)))
+    rows, feats = [], []
+    k = model.config.num_visual_tokens
+    for i in mine:
+        ids, images = layout_prompt(queries[i].pieces, data.tokenize, data.special.bos, k)
+        rows.append(ids)
+        for j, piece in enumerate(images):
+            feats.append(features[int(piece_views[i][j]), int(queries[i].pieces[piece])])
+    ids, mask = left_pad(rows, data.special.pad)
+    device = model.ret_embedding.device
+    image_features = torch.stack(feats).to(device) if feats else None
+    prefix = model.encode_text_prefix(ids.to(device), mask.to(device), image_features)
+    index = torch.tensor(mine, dtype=torch.long)
+    targets = torch.tensor([queries[i].target for i in mine], dtype=torch.long)
+    return prefix, targets, target_views[index], None if keep is None else keep[index]
