@@ -74,7 +74,9 @@ def _split_overrides(extra: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    config = load_json(TrainConfig, args.config) if args.config else TrainConfig()
+    from .training.recipes import recipe
+
+    config = load_json(TrainConfig, args.config) if args.config else recipe(args.recipe)
     config = apply_overrides(config, _split_overrides(extra))
     if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from .training.distributed import launch
@@ -268,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--model.num-visual-tokens 1 --data.sources '[\"data.tsv\"]'.",
     )
     p.add_argument("--config", help="JSON file with a TrainConfig (overrides still apply)")
+    p.add_argument(
+        "--recipe",
+        default="quick",
+        choices=["quick", "ship"],
+        help="quick: ≤ 15 min on 2 CPU cores (make train); ship: the shipped weights' recipe, hours on "
+        "2 cores, minutes on a GPU, run directory under FROMAGE_HOME/runs/ship; re-running resumes it",
+    )
     sub.add_parser("fetch", help="fetch the offline assets (emoji images, SmolLM2 conversion) once")
     p = sub.add_parser(
         "index",

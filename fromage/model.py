@@ -53,6 +53,14 @@ class RetrievalPass:
     target_is_ret: torch.Tensor
     """(N,) bool: the position predicts `[RET]`."""
 
+    @staticmethod
+    def cat(parts: list[RetrievalPass]) -> RetrievalPass:
+        """Several passes as one (rows and positions in order)."""
+        if len(parts) == 1:
+            return parts[0]
+        fields = ("ret_hidden", "frozen_lse", "frozen_target_logit", "ret_logit", "target_is_ret")
+        return RetrievalPass(**{f: torch.cat([getattr(p, f) for p in parts]) for f in fields})
+
 
 @dataclass
 class TextPrefix:
@@ -351,14 +359,21 @@ class FromageModel(nn.Module):
 
     @torch.no_grad()
     def encode_text_prefix(
-        self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, image_features: torch.Tensor | None = None
+        self,
+        prefix_ids: torch.Tensor,
+        prefix_mask: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        loss_at_end_only: bool = False,
     ) -> TextPrefix:
         """Everything the retrieval pass needs from left-padded `[BOS] …` rows (B, T). For text
         alone nothing here depends on trained parameters, so training computes it once per
         caption and reuses it every step (see `TextPrefix.select`). Rows with image slots
         (`image_features`: (n, F) for the n images in row-major order) read them through the
         current visual map, as constants: the retrieval pass trains only `[RET]` and the
-        retrieval maps, and the captioning pass trains the visual map."""
+        retrieval maps, and the captioning pass trains the visual map. `loss_at_end_only`: the
+        LM loss reads only the last position (the one that predicts `[RET]`), and the frozen
+        vocabulary logits are computed there alone (contexts: the loss that matters is emitting
+        `[RET]` after the request; the (B, T, V) logits would be a fifth of their cost)."""
         ret_id = self.ret_token_id
         position_ids = (prefix_mask.long().cumsum(1) - 1).clamp_min(0)
         out = self.forward(
@@ -373,14 +388,24 @@ class FromageModel(nn.Module):
         # predicts [RET]. Image slots neither predict nor are predicted in the LM loss.
         targets = torch.cat([prefix_ids[:, 1:], torch.full_like(prefix_ids[:, :1], ret_id)], 1)
         predicts = prefix_mask.bool() & (prefix_ids != IMAGE_TOKEN_ID) & (targets != IMAGE_TOKEN_ID)
+        if loss_at_end_only:
+            predicts = torch.zeros_like(predicts)
+            predicts[:, -1] = True
         # The (B, T, V) vocabulary logits are reduced a few rows at a time: whole, they would
         # be the largest tensor of training (0.3 GB for 64 captions of a 49k vocabulary).
         lse, frozen_target = [], []
+        # With the loss at the end only, logits are computed for the last column; the other
+        # columns hold zeros that no loss reads.
+        hidden = out.last_hidden[:, -1:] if loss_at_end_only else out.last_hidden
         for start in range(0, prefix_ids.shape[0], 8):
-            frozen = self.lm.logits(out.last_hidden[start : start + 8]).float()  # (8, T, V)
-            rows = targets[start : start + 8].clamp(0, frozen.shape[2] - 1)
+            frozen = self.lm.logits(hidden[start : start + 8]).float()  # (8, T or 1, V)
+            rows = targets[start : start + 8, -hidden.shape[1] :].clamp(0, frozen.shape[2] - 1)
             lse.append(frozen.logsumexp(-1))
             frozen_target.append(frozen.gather(2, rows.unsqueeze(2))[..., 0])
+        if loss_at_end_only:
+            width = prefix_ids.shape[1]
+            lse = [torch.nn.functional.pad(x, (width - 1, 0)) for x in lse]
+            frozen_target = [torch.nn.functional.pad(x, (width - 1, 0)) for x in frozen_target]
         keys = torch.stack([layer.keys for layer in out.cache.layers])  # (L, B, H, T, hd)
         values = torch.stack([layer.values for layer in out.cache.layers])
         return TextPrefix(

@@ -233,10 +233,12 @@ def test_summary_table_puts_every_task_in_one_table():
             "a", [Row("fromage", "s1", {"R@1": 0.5, "R@5": 1.0}), Row("baseline", "s1", {"R@1": None})]
         ),
         TaskResult("b", [Row("fromage", "s2", {"R@1": 0.25, "MRR": 0.4})]),
+        TaskResult("c", [Row("fromage", "s3", {"exact": 0.75})]),  # captions: exact match only
     ]
     lines = summary_table(results).splitlines()
-    assert lines[0] == "| task | system | setting | R@1 | R@5 | R@10 | MRR |"
+    assert lines[0] == "| task | system | setting | R@1 | R@5 | R@10 | MRR | exact |"
     assert lines[2:] == [
-        "| a | fromage | s1 | 0.500 | 1.000 |  |  |",
-        "| b | fromage | s2 | 0.250 |  |  | 0.400 |",
+        "| a | fromage | s1 | 0.500 | 1.000 |  |  |  |",
+        "| b | fromage | s2 | 0.250 |  |  | 0.400 |  |",
+        "| c | fromage | s3 |  |  |  |  | 0.750 |",
     ]

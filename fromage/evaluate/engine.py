@@ -22,6 +22,7 @@ from ..data.dataset import extract_features
 from ..data.examples import Example
 from ..data.readers import BadInputLog
 from ..embed import embed_images, layout_prompt, prompt_embeddings
+from ..generate import greedy_captions
 from ..model import FromageModel
 from ..scoring import candidate_logprobs, shared_candidate_logprobs
 from ..tokens import SpecialTokens
@@ -121,6 +122,18 @@ class Evaluator:
                 self.model, [laid[i][0] for i in rows], [laid[i][1] for i in rows], tokens, self.special.pad
             )
             bar.update(len(rows))
+        bar.close()
+        return out
+
+    @torch.no_grad()
+    def captions(self, features: torch.Tensor, desc: str = "captions") -> list[str]:
+        """(N, F) image features → N greedy captions (`[img][BOS]` → text until EOS)."""
+        out: list[str] = []
+        bar = tqdm(total=len(features), desc=desc, unit="image", leave=False, disable=not self.progress)
+        for start in range(0, len(features), self.batch_size):
+            ids = greedy_captions(self.model, features[start : start + self.batch_size], self.special)
+            out += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            bar.update(len(ids))
         bar.close()
         return out
 

@@ -13,7 +13,13 @@
     are named in full, the fifth only by what sets it apart ("blue"), so context is what
     resolves it. Rank every Google emoji (the four context images excluded) with 1 caption,
     5 captions, and 5 captions + 4 images; the frozen encoder's baseline ranks by the mean of
-    the four context images.
+    the four context images. Stories come from the emoji families training never builds
+    stories from (data/builtin.py `is_story_training_family`).
+(e) requests: name, a training-form request, and requests in sentence forms no training
+    template uses (data/requests.py `HELD_OUT_TEMPLATES`), alone and after an unrelated
+    earlier exchange in the chat format → rank every Google emoji.
+(f) greedy captions, exact match: Google emoji of trained and held-out concepts, Twitter
+    renderings of trained concepts, easy-VQA test images.
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ from ..data.builtin import (
     easyvqa_images,
     emoji_examples,
     is_heldout,
+    is_story_training_family,
 )
 from ..data.dialogues import determining_dialogue, format_rounds
 from ..data.examples import Example
+from ..data.requests import held_out_request, request_forms
 from ..metrics import mean_reciprocal_rank, recall_at_k
 from .engine import Evaluator, cosine_scores
 from .ranking import NO_TEXT_TOWER, exclude, group_metrics, mean_context_baseline, retrieval_metrics
@@ -49,6 +57,10 @@ class OfflineSettings:
     answer_images: int = 300
     answer_rounds: int = 3
     stories: int = 300
+    request_queries: int = 400
+    """Trained and held-out concepts each (requests in held-out forms)."""
+    captions: int = 200
+    """Images per caption set (greedy decoding is the slow part)."""
     heldout_fraction: float = 0.1
     """Must match the model's training data config (read from the checkpoint when present)."""
     seed: int = 0
@@ -72,7 +84,14 @@ class OfflineRun:
 
 def run_offline(ev: Evaluator, settings: OfflineSettings) -> OfflineRun:
     run = OfflineRun()
-    for task in (emoji_cross_style, dialogue_retrieval, answer_selection, story_retrieval):
+    for task in (
+        emoji_cross_style,
+        dialogue_retrieval,
+        answer_selection,
+        story_retrieval,
+        emoji_requests,
+        greedy_caption_match,
+    ):
         result, examples = task(ev, settings)
         run.results.append(result)
         run.examples += examples
@@ -246,7 +265,11 @@ def story_prompts(captions: list[str], images: list[torch.Tensor], family_word: 
 def story_retrieval(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list[ExampleQuery]]:
     gallery, feats, images = _gallery(ev, emoji_examples("google", "all", s.heldout_fraction), "google emoji")
     trained = [i for i, e in enumerate(gallery) if not is_heldout(e.caption, s.heldout_fraction)]
-    families = emoji_families([gallery[i] for i in trained])
+    families = {
+        word: idx
+        for word, idx in emoji_families([gallery[i] for i in trained]).items()
+        if not is_story_training_family(word)
+    }
     rng = random.Random(s.seed + 2)
     words = sorted(families)
     stories = []  # (family word, five gallery rows)
@@ -292,3 +315,79 @@ def checkpoint_heldout_fraction(checkpoint: str | Path, default: float = 0.1) ->
 
 
 DATA_INFO = {"emoji": f"emoji-datasource-google/twitter@{EMOJI_VERSION}", "easy-vqa": "easy-vqa==1.0"}
+
+
+# ---------------------------------------------------------------------------------------- (e)
+
+
+def emoji_requests(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list[ExampleQuery]]:
+    """Name, training-form request and held-out-form requests → every Google emoji."""
+    gallery, _, images = _gallery(ev, emoji_examples("google", "all", s.heldout_fraction), "google emoji")
+    names = [e.caption for e in gallery]
+    rng = random.Random(s.seed + 3)
+    rows = []
+    counts: dict[str, int] = {"gallery": len(gallery)}
+    for split, held in (("trained concepts", False), ("held-out concepts", True)):
+        pool = [i for i, n in enumerate(names) if is_heldout(n, s.heldout_fraction) == held]
+        q = sorted(rng.sample(pool, min(s.request_queries, len(pool))))
+        counts[f"queries_{split.split()[0]}"] = len(q)
+        others = [i for i in range(len(names)) if i not in set(q)]
+        settings: dict[str, list[list]] = {
+            "name": [[names[i]] for i in q],
+            "request, a training form": [[request_forms(names[i], 1)[0]] for i in q],
+            "request, held-out forms": [[held_out_request(names[i], j)] for j, i in enumerate(q)],
+        }
+        unrelated = []
+        for j, i in enumerate(q):  # an earlier exchange about another emoji, in the chat format
+            other = rng.choice(others)
+            earlier = request_forms(names[other], 1)[0]
+            unrelated.append([earlier, "\n", Path(gallery[other].image), "\n", held_out_request(names[i], j)])
+        settings["held-out forms after an unrelated turn"] = unrelated
+        for setting, prompts in settings.items():
+            features = [_image_pieces(ev, p) for p in prompts]
+            scores = cosine_scores(ev.query_embeddings(features, desc=f"requests: {setting}"), images)
+            metrics = group_metrics(scores, [names[i] for i in q], names)
+            rows.append(Row("fromage", f"{split}: {setting}", metrics))
+    return TaskResult("emoji requests (text → every Google emoji)", rows, counts), []
+
+
+def _image_pieces(ev: Evaluator, prompt: list) -> list:
+    """Paths in a prompt → their (F,) features (the Evaluator's prompts hold features)."""
+    paths = [str(p) for p in prompt if isinstance(p, Path)]
+    if not paths:
+        return prompt
+    encoded = ev.encode_images(paths, desc="context images")
+    row = {p: i for i, p in enumerate(encoded.paths)}
+    return [encoded.features[row[str(p)]] if isinstance(p, Path) else p for p in prompt]
+
+
+# ---------------------------------------------------------------------------------------- (f)
+
+
+def greedy_caption_match(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, list[ExampleQuery]]:
+    """Greedy captions (`[img][BOS]` → text) that equal the caption exactly (case-folded)."""
+    rng = random.Random(s.seed + 4)
+    google = emoji_examples("google", "all", s.heldout_fraction)
+    twitter = emoji_examples("twitter", "all", s.heldout_fraction)
+    easy = [Example(i.image, f"a {i.color} {i.shape}", "easyvqa") for i in easyvqa_images("test")]
+    sets = {
+        "Google emoji, trained concepts": [
+            e for e in google if not is_heldout(e.caption, s.heldout_fraction)
+        ],
+        "Google emoji, held-out concepts": [e for e in google if is_heldout(e.caption, s.heldout_fraction)],
+        "Twitter emoji, trained concepts": [
+            e for e in twitter if not is_heldout(e.caption, s.heldout_fraction)
+        ],
+        "easy-VQA test images": easy,
+    }
+    rows, counts = [], {}
+    for name, pool in sets.items():
+        chosen = sorted(rng.sample(range(len(pool)), min(s.captions, len(pool))))
+        kept, feats, _ = _gallery(ev, [pool[i] for i in chosen], name)
+        captions = ev.captions(feats, desc=f"captions: {name}")
+        exact = [
+            c.strip().lower().rstrip(".") == e.caption.lower() for c, e in zip(captions, kept, strict=True)
+        ]
+        rows.append(Row("fromage", name, {"exact": sum(exact) / max(len(exact), 1)}))
+        counts[name] = len(kept)
+    return TaskResult("greedy captions (exact match)", rows, counts), []

@@ -58,7 +58,9 @@ class TaskResult:
         )
 
 
-def summary_table(results: list[TaskResult], metrics: tuple[str, ...] = ("R@1", "R@5", "R@10", "MRR")) -> str:
+def summary_table(
+    results: list[TaskResult], metrics: tuple[str, ...] = ("R@1", "R@5", "R@10", "MRR", "exact")
+) -> str:
     """Every task's rows in one Markdown table (the per-task tables have every metric)."""
     lines = [f"| task | system | setting | {' | '.join(metrics)} |", "|---|---|---|" + "---:|" * len(metrics)]
     for result in results:

@@ -20,10 +20,13 @@ from ..data.collate import caption_batch
 from ..data.dataset import Split
 from ..embed import PrefixSource, layout_prompt
 from ..losses import caption_loss, contrastive_loss, linear_cross_entropy, ret_token_loss
-from ..model import FromageModel, TextPrefix
+from ..model import FromageModel, RetrievalPass, TextPrefix
 from ..tokens import IGNORE_INDEX, SpecialTokens, left_pad
 from .distributed import Processes
 from .tasks import Query
+
+CONTEXT_CHUNK = 8
+"""Context prompts encoded together (sorted by length first)."""
 
 
 @dataclass
@@ -128,21 +131,24 @@ def train_step(
     rows = torch.tensor([caption_idx[j] for j in cap.image_order])
     cap_feats = features[torch.tensor([cap_views[j] for j in cap.image_order]), rows].to(device)
     # (2) retrieval pass: the prefix runs without autograd; only [RET] carries gradients.
-    ret_prefix = data.prefixes.select(data.text_of_example[retrieval_idx])
+    # Captions and contexts take separate [RET] steps: one batch would pad every caption's
+    # keys/values to the longest context.
+    prefixes = [data.prefixes.select(data.text_of_example[retrieval_idx])]
     image_rows, image_views, target_keep = retrieval_idx, ret_views, keep
     if batch.contexts:
-        context_prefix, targets, target_views, context_keep = _contexts(
+        context_prefix, context_targets, target_views, context_keep = _contexts(
             model, data, batch.contexts, generator, procs
         )
-        ret_prefix = TextPrefix.cat([ret_prefix, context_prefix])
-        image_rows = torch.cat([retrieval_idx, targets])
+        prefixes.append(context_prefix)
+        image_rows = torch.cat([retrieval_idx, context_targets])
         image_views = torch.cat([ret_views, target_views])
         if keep is not None and context_keep is not None:
             target_keep = torch.cat([keep, context_keep.to(device)])
     # Loss divisors: labelled caption positions and retrieval-pass positions, all processes.
     counts = procs.sum(
         torch.tensor(
-            [(cap.labels[:, 1:] != IGNORE_INDEX).sum(), ret_prefix.predicts.sum()], dtype=torch.float64
+            [(cap.labels[:, 1:] != IGNORE_INDEX).sum(), sum(p.predicts.sum() for p in prefixes)],
+            dtype=torch.float64,
         )
     ).tolist()
 
@@ -155,7 +161,7 @@ def train_step(
         loss_cap = linear_cross_entropy(hidden, weight, model.ret_output_row, targets, bias, counts[0])
     else:
         loss_cap = caption_loss(model.full_logits(hidden), targets, counts[0])
-    ret = model.retrieval_from_prefix(ret_prefix)
+    ret = RetrievalPass.cat([model.retrieval_from_prefix(p) for p in prefixes])
     loss_ret_lm = ret_token_loss(
         ret.frozen_lse, ret.frozen_target_logit, ret.ret_logit, ret.target_is_ret, counts[1]
     )
@@ -204,17 +210,26 @@ def _contexts(
     p_drop = model.config.feature_dropout
     keep = torch.rand(n, dim, generator=generator) >= p_drop if p_drop > 0 else None
     mine = procs.shard(list(range(n)))
-    rows, feats = [], []
     k = model.config.num_visual_tokens
+    laid = []  # (ids, (n_i, F) features or None) per prompt of this process
     for i in mine:
         ids, images = layout_prompt(queries[i].pieces, data.tokenize, data.special.bos, k)
-        rows.append(ids)
-        for j, piece in enumerate(images):
-            feats.append(features[int(piece_views[i][j]), int(queries[i].pieces[piece])])
-    ids, mask = left_pad(rows, data.special.pad)
+        feats = [features[int(piece_views[i][j]), int(queries[i].pieces[p])] for j, p in enumerate(images)]
+        laid.append((ids, torch.stack(feats) if feats else None))
+    # Prompts run in length order, a few at a time, so little compute goes to padding
+    # (stories are ~70 tokens, requests ~10); the table is put back in prompt order.
+    order = sorted(range(len(laid)), key=lambda j: len(laid[j][0]))
     device = model.ret_embedding.device
-    image_features = torch.stack(feats).to(device) if feats else None
-    prefix = model.encode_text_prefix(ids.to(device), mask.to(device), image_features)
+    parts = []
+    for start in range(0, len(order), CONTEXT_CHUNK):
+        chunk = [laid[j] for j in order[start : start + CONTEXT_CHUNK]]
+        ids, mask = left_pad([c[0] for c in chunk], data.special.pad)
+        feats = [c[1] for c in chunk if c[1] is not None]
+        image_features = torch.cat(feats).to(device) if feats else None
+        parts.append(model.encode_text_prefix(ids.to(device), mask.to(device), image_features, True))
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    prefix = TextPrefix.cat(parts).select(inverse)
     index = torch.tensor(mine, dtype=torch.long)
     targets = torch.tensor([queries[i].target for i in mine], dtype=torch.long)
     return prefix, targets, target_views[index], None if keep is None else keep[index]
