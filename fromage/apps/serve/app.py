@@ -7,7 +7,7 @@ import mimetypes
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from .schemas import (
     describe_errors,
     error_response,
 )
+from .streaming import StreamedPieces, stream_error
 
 
 def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
@@ -199,25 +200,34 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
         model_id = config.model_id
         if body.stream:
 
-            def events() -> Iterator[str]:
-                def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-                    data = {
-                        "id": completion_id,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model_id,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                    }
-                    return f"data: {json.dumps(data)}\n\n"
+            def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+                data = {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model_id,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
+                return f"data: {json.dumps(data)}\n\n"
 
-                yield chunk({"role": "assistant", "content": ""})
-                with lock:
-                    for piece in bot.stream(prompt, seed=body.seed, **settings):
+            async def events() -> AsyncIterator[str]:
+                # The model runs in its own thread under the lock and hands pieces over a queue;
+                # this generator only forwards them. A client that goes away cancels it, and
+                # the decoder stops at its next token: the lock is never held while waiting
+                # on a client.
+                pieces = StreamedPieces(lambda: bot.stream(prompt, seed=body.seed, **settings), lock)
+                try:
+                    yield chunk({"role": "assistant", "content": ""})
+                    async for piece in pieces:
                         if isinstance(piece, str):
                             yield chunk({"content": piece})
                         else:
                             yield chunk({"content": "", "images": [image_json(i) for i in piece]})
-                yield chunk({}, "stop")
+                    yield chunk({}, "stop")
+                except Exception as error:  # a stream that fails mid-way says so, then ends
+                    yield f"data: {json.dumps(stream_error(error))}\n\n"
+                finally:
+                    pieces.cancel()
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
