@@ -93,6 +93,12 @@ def test_retrieve_and_caption(client, bot):  # noqa: F811
         ("no such image", 404, "no image 999999"),
         ("empty prompt", 400, "no text and no image"),
         ("prompt too long", 400, "tokens, limit 1024"),
+        # Issue #18 item 4: each of these was a 500 (or accepted).
+        ("empty stop string", 400, "stop"),
+        ("seed of 2**64", 400, "seed"),
+        ("lone surrogate", 400, "lone surrogate"),
+        ("infinite ret_scale_factor", 400, "ret_scale_factor"),
+        ("text/plain body", 415, "Content-Type must be application/json"),
     ],
 )
 def test_bad_inputs_get_a_4xx_that_names_the_problem(client, case, status, words):
@@ -123,6 +129,20 @@ def test_bad_inputs_get_a_4xx_that_names_the_problem(client, case, status, words
         "remote url": dict(json={"messages": message(image_part("https://example.com/cat.png"))}),
         "empty prompt": dict(json={"messages": [{"role": "user", "content": ""}]}),
         "prompt too long": dict(json={"messages": [{"role": "user", "content": "red blue " * 1500}]}),
+        "empty stop string": dict(json={"messages": message({"type": "text", "text": "hi"}), "stop": ""}),
+        "seed of 2**64": dict(json={"messages": message({"type": "text", "text": "hi"}), "seed": 2**64}),
+        "lone surrogate": dict(
+            content=b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+            headers={"content-type": "application/json"},
+        ),
+        "infinite ret_scale_factor": dict(
+            content=b'{"messages": [{"role": "user", "content": "hi"}], "ret_scale_factor": Infinity}',
+            headers={"content-type": "application/json"},
+        ),
+        "text/plain body": dict(
+            content=b'{"messages": [{"role": "user", "content": "hi"}]}',
+            headers={"content-type": "text/plain"},
+        ),
     }
     if case == "no such image":
         reply = client.get("/v1/images/999999")
@@ -231,3 +251,23 @@ def test_allow_listed_hosts_are_fetched_and_others_refused(bot):  # noqa: F811
         assert closed.status_code == 400 and "'127.0.0.1' is not allowed" in closed.json()["error"]["message"]
     finally:
         server.shutdown()
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event_and_done(bot, monkeypatch):  # noqa: F811
+    """Issue #18 item 4: a failure after the first bytes were sent used to end the stream with
+    no finish and no [DONE], so a client saw an empty answer and no error."""
+    fromage, _ = bot
+
+    def failing(*args, **kwargs):
+        yield "Once"
+        raise RuntimeError("the decoder broke")
+
+    monkeypatch.setattr(fromage, "stream", failing)
+    client = TestClient(create_app(fromage, ServeConfig()))
+    body = {"messages": message({"type": "text", "text": "hi"}), "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+        events = [line[len("data: ") :] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"]
+    assert json.loads(events[1])["choices"][0]["delta"]["content"] == "Once"

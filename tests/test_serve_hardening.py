@@ -55,7 +55,9 @@ def test_an_abandoned_stream_frees_the_model_within_a_second(server):
     waited until a garbage collection happened to close it."""
     import openai
 
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="unused", timeout=30, max_retries=0)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server}/v1", api_key="unused", timeout=30, max_retries=0
+    )
     message = [{"role": "user", "content": "tell me a story"}]
     no_images = {"max_images": 0, "ret_scale_factor": 0.0}
     stream = client.chat.completions.create(
@@ -66,7 +68,9 @@ def test_an_abandoned_stream_frees_the_model_within_a_second(server):
     stream.close()
     time.sleep(0.2)  # the server notices the closed connection
     start = time.monotonic()
-    reply = client.chat.completions.create(model="fromage", messages=message, max_tokens=2, extra_body=no_images)
+    reply = client.chat.completions.create(
+        model="fromage", messages=message, max_tokens=2, extra_body=no_images
+    )
     waited = time.monotonic() - start
     assert reply.choices[0].message is not None
     # 200 slowed pieces would take 10 s; a freed lock leaves this request its own 2 pieces.

@@ -215,7 +215,12 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
                 # this generator only forwards them. A client that goes away cancels it, and
                 # the decoder stops at its next token: the lock is never held while waiting
                 # on a client.
-                pieces = StreamedPieces(lambda: bot.stream(prompt, seed=body.seed, **settings), lock)
+                pieces = StreamedPieces(
+                    lambda: bot.stream(
+                        prompt, seed=None if body.seed is None else body.seed % 2**64, **settings
+                    ),
+                    lock,
+                )
                 try:
                     yield chunk({"role": "assistant", "content": ""})
                     async for piece in pieces:
@@ -232,7 +237,7 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
 
             return StreamingResponse(events(), media_type="text/event-stream")
         with lock:
-            answer = bot.generate(prompt, seed=body.seed, **settings)
+            answer = bot.generate(prompt, seed=None if body.seed is None else body.seed % 2**64, **settings)
         text = "".join(p for p in answer if isinstance(p, str))
         images = [image_json(p) for p in answer if isinstance(p, RetrievedImage)]
         # The answer text re-tokenised, plus the one `[RET]` that retrieved its images.

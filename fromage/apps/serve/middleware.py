@@ -1,4 +1,5 @@
-"""The request-body guard (ASGI middleware, below every route)."""
+"""The request guard (ASGI middleware, below every route): bodies are JSON, bounded in size
+and in time."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Any
 class BodyLimit:
     """ASGI middleware: the request body is read here first, whole, so that bodies over `limit`
     bytes (declared or streamed) get a 413 and bodies still incomplete `timeout_s` after the
-    request began get a 408, before any route runs. The limit bounds what is buffered."""
+    request began get a 408, before any route runs. The limit bounds what is buffered. A body
+    must be declared JSON (415 otherwise): a `text/plain` POST is a request any web page can
+    send without a CORS preflight, so it must not make the server generate."""
 
     def __init__(self, app: Any, limit: int, timeout_s: float = 30.0):
         self.app, self.limit, self.timeout_s = app, limit, timeout_s
@@ -20,7 +23,14 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if kind != b"application/json" and not kind.endswith(b"+json"):
+                shown = kind.decode("latin-1") or "none"
+                await _send_json(send, 415, f"Content-Type must be application/json, got {shown}")
+                return
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await _send_json(send, 413, f"request body is {int(declared)} bytes, limit {self.limit}")
             return

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ...generate import CAPTION_TOKENS, GenerationConfig
 
@@ -39,8 +39,22 @@ def describe_errors(errors: Any) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _unicode(text: str) -> str:
+    """JSON can carry a lone surrogate ("\\ud800"), which no tokenizer or UTF-8 writer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+StopString = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_unicode)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Infinity and NaN parse as JSON numbers here; no setting of this API takes them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ImageURL(_Strict):
@@ -50,7 +64,7 @@ class ImageURL(_Strict):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImagePart(_Strict):
@@ -60,7 +74,7 @@ class ImagePart(_Strict):
 
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart | ImagePart]
+    content: Text | list[TextPart | ImagePart]
     name: str | None = None
 
 
@@ -72,16 +86,17 @@ class ChatRequest(_Strict):
     temperature: float = Field(default=GENERATION.temperature, ge=0.0, le=2.0)
     top_p: float = Field(default=GENERATION.top_p, gt=0.0, le=1.0)
     stream: bool = False
-    stop: str | list[str] | None = None
+    stop: StopString | list[StopString] | None = Field(default=None, max_length=4)
     n: int = Field(default=1, ge=1, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    """Any 64-bit seed, signed or not (the generator takes it modulo 2**64)."""
     # fromage extensions (OpenAI clients send them with `extra_body`)
     ret_scale_factor: float = Field(default=GENERATION.ret_scale_factor, ge=0.0)
     max_images: int = Field(default=GENERATION.images_per_ret, ge=0, le=8)
 
 
 class RetrieveRequest(_Strict):
-    text: str = ""
+    text: Text = ""
     images: list[str] = Field(default_factory=list)
     """data: URLs"""
     k: int = Field(default=3, ge=1, le=100)
