@@ -46,13 +46,22 @@ def _config_json(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {directory} a fromage checkpoint?")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a JSON config ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the config object")
+    return data
 
 
 def load_config(directory: str | Path) -> ModelConfig:
     data = _config_json(directory)
     data.pop("_fromage", None)
-    return from_dict(ModelConfig, data)
+    try:
+        return from_dict(ModelConfig, data)
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise ValueError(f"{Path(directory) / CONFIG_NAME}: not a fromage model config ({error})") from None
 
 
 def load_encoder_config(directory: str | Path | None = None) -> EncoderConfig:
@@ -94,12 +103,24 @@ def save_model(model: Trained, directory: str | Path, extra: dict[str, Any] | No
 
 
 def load_trained_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The trained tensors; a file that is not safetensors, or holds a NaN or infinity, is
+    refused naming the file (and the tensor): such a model answers every request with nothing."""
+    import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(directory) / WEIGHTS_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
-    return load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{path}: tensor {name!r} holds {bad} non-finite values (NaN or infinity)")
+    return tensors
 
 
 def load_model(

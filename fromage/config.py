@@ -95,6 +95,8 @@ class ModelConfig:
             self.lm = _from_dict(LMConfig, self.lm)
         if isinstance(self.encoder, dict):
             self.encoder = _from_dict(EncoderConfig, self.encoder)
+        _check_type("lm", self.lm, LMConfig)
+        _check_type("encoder", self.encoder, EncoderConfig)
         if self.num_visual_tokens < 1:
             raise ValueError(f"num_visual_tokens must be >= 1, got {self.num_visual_tokens}")
         if self.retrieval_dim < 1:
@@ -293,6 +295,9 @@ class TrainConfig:
             self.data = _from_dict(DataConfig, self.data)
         if isinstance(self.tasks, dict):
             self.tasks = _from_dict(TaskMix, self.tasks)
+        _check_type("model", self.model, ModelConfig)
+        _check_type("data", self.data, DataConfig)
+        _check_type("tasks", self.tasks, TaskMix)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
         if self.refine_steps < 0:
@@ -420,6 +425,11 @@ class ChatConfig(GenerationConfig):
         settings = dataclasses.asdict(self)
         settings.pop("memory")
         return settings
+
+
+def _check_type(name: str, value: Any, cls: type) -> None:
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__} (or its JSON object), got {type(value).__name__}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
