@@ -271,3 +271,18 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event_and_done(bot, monke
     error = json.loads(events[-2])["error"]
     assert error["type"] == "server_error" and "RuntimeError" in error["message"]
     assert json.loads(events[1])["choices"][0]["delta"]["content"] == "Once"
+
+
+@pytest.mark.parametrize("spelling", ["+1", "1_0", "%201", "1.0", "01", "-0", "１"])
+def test_image_ids_have_one_spelling(client, spelling):
+    """Issue #18 item 9: "+1", "1_0" and " 1" were accepted as other names of a row."""
+    reply = client.get(f"/v1/images/{spelling}")
+    assert reply.status_code == 404, reply.text
+    assert "row numbers" in reply.json()["error"]["message"]
+
+
+def test_errors_do_not_show_object_reprs(client):
+    garbage = "data:image/png;base64," + base64.b64encode(b"\x89PNG but not really").decode()
+    reply = client.post("/v1/caption", json={"image": garbage})
+    assert reply.status_code == 400
+    assert "object at 0x" not in reply.text and "not a readable image" in reply.text

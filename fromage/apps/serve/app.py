@@ -141,9 +141,22 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
         return {"object": "list", "data": [{"id": config.model_id, "object": "model", "owned_by": "fromage"}]}
 
     @app.get("/v1/images/{image_id}", response_model=None)
-    def image(image_id: int) -> FileResponse | Response:
-        if bot.index is None or not 0 <= image_id < len(bot.index):
-            raise ApiError(404, f"no image {image_id} in the index", "not_found")
+    def image(image_id: str) -> FileResponse | Response:
+        # Only the plain decimal spelling names a row: "+1", "1_0", " 1" or "01" are not other
+        # names of row 1 (int() would take them).
+        if not (
+            image_id.isascii()
+            and image_id.isdigit()
+            and len(image_id) <= 12
+            and image_id == str(int(image_id))
+        ):
+            raise ApiError(404, f"no image {image_id[:40]!r} in the index: ids are row numbers", "not_found")
+        row = int(image_id)
+        if bot.index is None or not 0 <= row < len(bot.index):
+            raise ApiError(404, f"no image {row} in the index", "not_found")
+        return _indexed_image(bot, row)
+
+    def _indexed_image(bot: Fromage, image_id: int) -> FileResponse | Response:
         path = bot.index.metadata[image_id]["path"]
         member = split_tar_ref(path)
         if member is None:
@@ -153,9 +166,10 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
         # An image inside a webdataset shard (`shard.tar#key.jpg`): its bytes, typed by suffix.
         try:
             data = read_member(*member)
-        except OSError as exc:
+        except OSError as exc:  # the reason without the server's paths
+            why = type(exc).__name__ if not isinstance(exc, KeyError | FileNotFoundError) else "missing"
             raise ApiError(
-                404, f"image {image_id} is in the index but unreadable ({exc})", "not_found"
+                404, f"image {image_id} is in the index but unreadable ({why})", "not_found"
             ) from None
         return Response(data, media_type=mimetypes.guess_type(member[1])[0] or "application/octet-stream")
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ...config import ServeConfig
 from ...data.images import ImageError, load_image
 from .schemas import ApiError
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 def fetch_allowed(url: str, config: ServeConfig) -> str:
@@ -59,5 +62,9 @@ def decode_data_url(url: str, max_pixels: int) -> Image.Image:
             return load_image(probe.copy())
     except ApiError:
         raise
+    except UnidentifiedImageError:
+        raise ApiError(400, "image_url: not a readable image (not an image format Pillow knows)") from None
     except (ImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
-        raise ApiError(400, f"image_url: not a readable image ({error})") from None
+        # Pillow's messages can name its in-memory buffer (`<_io.BytesIO object at 0x…>`).
+        why = _OBJECT_REPR.sub("the image", str(error))
+        raise ApiError(400, f"image_url: not a readable image ({why})") from None
