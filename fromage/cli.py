@@ -181,12 +181,18 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 def cmd_caption(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .data.images import ImageError
     from .pipeline import Fromage
 
     bot = Fromage.from_pretrained(args.model, device=args.device)
-    for path in args.images:
-        print(f"{path}\t{bot.caption(Path(path))}")
-    return 0
+    failed = 0
+    for path in args.images:  # an unreadable image is reported; the others are still captioned
+        try:
+            print(f"{path}\t{bot.caption(Path(path))}")
+        except ImageError as error:
+            print(f"fromage caption: {error}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -212,7 +218,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .checkpoint import SHIPPED
     from .config import ServeConfig
 
-    serve(args.model or SHIPPED, args.index, args.host, args.port, settings_from(args, ServeConfig))
+    # The key from the environment keeps it out of the process list (`ps` shows flags).
+    api_key = args.api_key or os.environ.get("FROMAGE_API_KEY", "")
+    config = settings_from(args, ServeConfig, api_key=api_key)
+    serve(args.model or SHIPPED, args.index, args.host, args.port, config)
     return 0
 
 
@@ -319,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="an image for the prompt (repeatable)")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--index", required=True, help="index directory built by `fromage index`")
-    p.add_argument("-k", type=int, default=3)
+    p.add_argument("-k", type=_positive, default=3, help="images to return (at least 1)")
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("caption", help="greedy captions of images")
     p.add_argument("images", nargs="+")
@@ -374,9 +383,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. Errors in what the user gave (a missing file, a bad setting, a damaged
+    checkpoint or index) print one line naming the problem and exit 1; `-v` shows the traceback."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    try:
+        return _run(parser, args, extra)
+    except KeyboardInterrupt:
+        print("fromage: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as error:
+        if args.verbose:
+            raise
+        print(f"fromage {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -350,7 +350,7 @@ class ServeConfig:
     default_max_tokens: int = 64
     """`max_tokens` of a chat completion that names none."""
     api_key: str = ""
-    """When set, every /v1 request needs `Authorization: Bearer <api_key>`."""
+    """When set, every /v1 request needs `Authorization: Bearer <api_key>`. `fromage serve` also reads it from the FROMAGE_API_KEY environment variable, which, unlike a flag, other users cannot see in `ps`."""
     allowed_image_hosts: tuple[str, ...] = ()
     """Hosts whose http(s) image URLs are fetched; any other remote URL is refused."""
     fetch_timeout_s: float = 10.0

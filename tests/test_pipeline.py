@@ -176,3 +176,17 @@ def test_images_per_ret_and_batched_calls_match_single_calls(bot):
         fromage.generate(["a red"], max_new_tokens=4),
         fromage.generate(["blue"], max_new_tokens=4),
     ]
+
+
+def test_cli_caption_goes_on_past_an_unreadable_image(bot, tmp_path, capsys):
+    """Issue #18 item 9: `fromage caption A B C` stopped at the first missing file."""
+    from fromage.cli import main
+
+    fromage, photos = bot
+    checkpoint = Path(fromage.index.metadata[0]["path"]).parent.parent / "run" / "checkpoint"
+    first, second = sorted(photos.glob("*.png"))[:2]
+    missing = tmp_path / "missing.png"
+    assert main(["caption", str(first), str(missing), str(second), "--model", str(checkpoint)]) == 1
+    captured = capsys.readouterr()
+    assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(first), str(second)]
+    assert "missing.png" in captured.err and "Traceback" not in captured.err

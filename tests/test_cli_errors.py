@@ -1,0 +1,38 @@
+"""The CLI's answers to bad input: one line naming the problem, no traceback (issue #18 item 9)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fromage.cli import build_parser, main
+
+
+def test_a_missing_checkpoint_is_one_line_not_a_traceback(tmp_path, capsys):
+    code = main(["caption", str(tmp_path / "cat.png"), "--model", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("fromage caption: error: ") and "nowhere" in err and "Traceback" not in err
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["-v", "caption", "x.png", "--model", str(tmp_path / "nowhere")])
+
+
+@pytest.mark.parametrize("k", ["0", "-1"])
+def test_retrieve_k_must_be_positive(k, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["retrieve", "red apple", "--model", "m", "--index", "i", "-k", k])
+    assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_the_api_key_can_come_from_the_environment(monkeypatch):
+    import fromage.apps.serve as serve_module
+
+    seen = {}
+    monkeypatch.setattr(
+        serve_module, "serve", lambda model, index, host, port, config: seen.update(config=config)
+    )
+    monkeypatch.setenv("FROMAGE_API_KEY", "sesame")
+    assert main(["serve", "--model", "m"]) == 0
+    assert seen["config"].api_key == "sesame"
