@@ -4,6 +4,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -286,3 +287,30 @@ def test_errors_do_not_show_object_reprs(client):
     reply = client.post("/v1/caption", json={"image": garbage})
     assert reply.status_code == 400
     assert "object at 0x" not in reply.text and "not a readable image" in reply.text
+
+
+def test_a_relative_index_serves_the_indexed_file_and_refuses_a_changed_one(bot, tmp_path, monkeypatch):  # noqa: F811
+    """Issue #18 item 6: `fromage index photos --out relidx` stored `photos/c1.png`, resolved
+    later against the server's working directory: another directory's `photos/c1.png` was
+    served. Paths are stored absolute now, and a file is served only with the indexed digest."""
+    from fromage.apps.indexing import index_collection
+    from fromage.index import ImageIndex
+
+    fromage, _ = bot
+    checkpoint = Path(fromage.index.metadata[0]["path"]).parent.parent / "run" / "checkpoint"
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for root, color in ((here, (255, 0, 0)), (elsewhere, (0, 0, 255))):
+        (root / "photos").mkdir(parents=True)
+        Image.new("RGB", (16, 16), color).save(root / "photos" / "c1.png")
+    monkeypatch.chdir(here)
+    index_collection("photos", checkpoint, "relidx")
+    index = ImageIndex.load(here / "relidx")
+    assert Path(index.metadata[0]["path"]).is_absolute()
+    monkeypatch.chdir(elsewhere)
+    served = TestClient(create_app(type(fromage)(fromage.model, fromage.tokenizer, index), ServeConfig()))
+    reply = served.get("/v1/images/0")
+    assert reply.status_code == 200
+    assert Image.open(io.BytesIO(reply.content)).convert("RGB").getpixel((0, 0)) == (255, 0, 0)
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(here / "photos" / "c1.png")  # replaced since
+    changed = served.get("/v1/images/0")
+    assert changed.status_code == 404 and "changed since it was indexed" in changed.json()["error"]["message"]

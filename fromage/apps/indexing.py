@@ -167,7 +167,7 @@ def _embed_in_blocks(
             digest_of = {e.image: d for e, d in block}
             write_rows(
                 [
-                    {"path": e.image, "caption": e.caption, "digest": digest_of[e.image]}
+                    {"path": _absolute(e.image), "caption": e.caption, "digest": digest_of[e.image]}
                     for e in split.examples
                 ],
                 meta,
@@ -182,6 +182,12 @@ def _clear_dead_scratch(out_dir: Path) -> None:
         pid = path.name.rsplit("-", 1)[1]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _absolute(path: str) -> str:
+    """The stored path, independent of the working directory (a tar reference keeps its member)."""
+    shard, sep, member = path.partition("#") if ".tar#" in path else (path, "", "")
+    return str(Path(shard).resolve()) + sep + member
 
 
 def _safe_digest(path: str) -> str | None:

@@ -21,6 +21,7 @@ from ...config import ServeConfig
 from ...data.shards import read_member, split_tar_ref
 from ...pipeline import Fromage, PromptItem, RetrievedImage
 from .batching import MicroBatcher, caption_jobs
+from .files import VerifiedFiles
 from .images import decode_data_url, fetch_allowed
 from .middleware import BodyLimit
 from .schemas import (
@@ -40,6 +41,7 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     app = FastAPI(title="fromage", description=__doc__.split("\n\n")[0] if __doc__ else "")
     lock = threading.Lock()
+    verified = VerifiedFiles()
     retrieve_queue = MicroBatcher(
         lambda jobs: bot.retrieve_batch([p for p, _ in jobs], k=max(k for _, k in jobs)),
         lock,
@@ -157,11 +159,17 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
         return _indexed_image(bot, row)
 
     def _indexed_image(bot: Fromage, image_id: int) -> FileResponse | Response:
-        path = bot.index.metadata[image_id]["path"]
+        assert bot.index is not None
+        row = bot.index.metadata[image_id]
+        path = row["path"]
         member = split_tar_ref(path)
         if member is None:
             if not Path(path).is_file():
                 raise ApiError(404, f"image {image_id} is in the index but its file is gone", "not_found")
+            # What is sent must be what was indexed: a relative path read from another
+            # directory, or a file replaced since, would be another picture.
+            if not verified.matches(path, row.get("digest")):
+                raise ApiError(404, f"image {image_id}'s file changed since it was indexed", "not_found")
             return FileResponse(path)
         # An image inside a webdataset shard (`shard.tar#key.jpg`): its bytes, typed by suffix.
         try:
