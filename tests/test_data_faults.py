@@ -179,3 +179,28 @@ def test_a_very_long_caption_is_truncated_and_ret_still_follows_it():
     prefix = model.encode_text_prefix(prefix_ids, mask)
     # The last real position of every row predicts [RET], however long the caption was.
     assert (prefix.targets[:, -1] == model.ret_token_id).all()
+
+
+def test_hostile_jsonl_lines_are_counted_and_skipped_naming_the_line(tmp_path):
+    """Issue #18 item 7: each of these aborted a whole run (RecursionError, ValueError, or a
+    crash writing the index metadata later) instead of being counted."""
+    from fromage.data.readers import BadInputLog, read_jsonl
+
+    lines = [
+        '{"image": "a.png", "caption": "fine"}',
+        "[" * 100_000 + "]" * 100_000,
+        '{"image": "b.png", "caption": "x", "n": ' + "9" * 5000 + "}",
+        '{"image": "c.png", "caption": "bad \\ud800 text"}',
+        '{"image": "d.png", "caption": "also fine"}',
+    ]
+    path = tmp_path / "hostile.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    bad = BadInputLog()
+    rows = read_jsonl(path, None, bad)
+    assert [r.caption for r in rows] == ["fine", "also fine"]
+    assert bad.counts["malformed row"] == 3
+    for number, words in ((2, "nested too deeply"), (3, "unreadable JSON value"), (4, "lone surrogate")):
+        assert any(m.startswith(f"{path}:{number}:") and words in m for m in bad.messages), (
+            number,
+            bad.messages,
+        )

@@ -116,6 +116,12 @@ def read_jsonl(path: str | Path, image_dir: str | Path | None, bad: BadInputLog)
         except json.JSONDecodeError as exc:
             bad.add("malformed row", f"{path}:{number}: invalid JSON ({exc.msg})")
             continue
+        except RecursionError:  # nested deeper than the parser goes
+            bad.add("malformed row", f"{path}:{number}: JSON nested too deeply")
+            continue
+        except ValueError as exc:  # e.g. an integer of thousands of digits
+            bad.add("malformed row", f"{path}:{number}: unreadable JSON value ({str(exc)[:80]})")
+            continue
         if not isinstance(row, dict):
             bad.add("malformed row", f"{path}:{number}: expected a JSON object")
             continue
@@ -123,8 +129,19 @@ def read_jsonl(path: str | Path, image_dir: str | Path | None, bad: BadInputLog)
         if not isinstance(image, str) or not isinstance(caption, str) or not image or not caption.strip():
             bad.add("malformed row", f"{path}:{number}: needs string fields `image` and `caption`")
             continue
+        if not (_is_unicode(image) and _is_unicode(caption)):  # JSON escapes can spell "\ud800"
+            bad.add("malformed row", f"{path}:{number}: text is not valid Unicode (a lone surrogate)")
+            continue
         out.append(Example(str(root / image), caption.strip(), path.name, caption.strip()))
     return out
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_collection(path: str | Path, image_dir: str | Path | None, bad: BadInputLog) -> list[Example]:
