@@ -242,3 +242,47 @@ def test_summary_table_puts_every_task_in_one_table():
         "| b | fromage | s2 | 0.250 |  |  | 0.400 |  |",
         "| c | fromage | s3 |  |  |  |  | 0.750 |",
     ]
+
+
+def test_eval_collection_stops_when_most_images_are_unreadable_and_cuts_long_captions(
+    tiny_checkpoint,
+    tiny_world,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
+    """Issue #18 item 8: with 2 of 3 rows unreadable it reported R@1 1.000 and exited 0, and a
+    100 KB caption ran for minutes at several GB."""
+    from fromage.cli import main
+
+    checkpoint, root = tiny_checkpoint
+    monkeypatch.setenv("FROMAGE_HOME", str(root / "home"))
+    images = tiny_world / "images"
+    good = sorted(images.glob("*.png"))
+    broken = tmp_path / "broken.tsv"
+    broken.write_text(
+        f"caption\timage\na red thing\t{good[0]}\nlost\t{tmp_path / 'no1.png'}\nlost too\t{tmp_path / 'no2.png'}\n"
+    )
+    code = main(
+        [
+            "eval",
+            "collection",
+            "--model",
+            str(checkpoint),
+            "--data",
+            str(broken),
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "2 of 3 rows are malformed or their image unreadable" in err
+    long = tmp_path / "long.tsv"
+    long.write_text(f"caption\timage\n{'word ' * 20_000}\t{good[0]}\na blue one\t{good[1]}\n")
+    out = _run_cli(
+        ["eval", "collection", "--model", str(checkpoint), "--data", str(long), "--out", str(tmp_path / "l")],
+        capsys,
+    )
+    saved = json.loads((tmp_path / "l" / "results.json").read_text())
+    assert saved["tasks"]["captioned collection: long.tsv"]["counts"]["captions_truncated"] == 1
+    assert "text → image" in out

@@ -21,8 +21,8 @@ from .examples import Example
 log = logging.getLogger(__name__)
 
 
-class TooManyBadInputs(RuntimeError):
-    pass
+class TooManyBadInputs(ValueError):
+    """More of the input was unreadable or malformed than the run allows."""
 
 
 @dataclass

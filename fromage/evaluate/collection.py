@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.readers import BadInputLog, read_collection
+from ..data.readers import BadInputLog, TooManyBadInputs, read_collection
 from ..generate import greedy_captions
 from ..metrics import masked_recall_at_k
 from .engine import Evaluator, cosine_scores
@@ -23,22 +23,44 @@ from .ranking import NO_TEXT_TOWER
 from .report import Row, TaskResult
 from .textmetrics import bleu, cider, tokenize
 
+MAX_CAPTION_CHARS = 1000
+"""Captions are cut here (COCO's longest is ~250 characters): a 100 KB caption would otherwise
+be one prompt of 25k tokens and a CIDEr reference of as many n-grams."""
+
 
 def evaluate_collection(
-    ev: Evaluator, path: str | Path, image_dir: str | Path | None = None, captions: bool = True
+    ev: Evaluator,
+    path: str | Path,
+    image_dir: str | Path | None = None,
+    captions: bool = True,
+    max_bad_fraction: float = 0.01,
 ) -> tuple[TaskResult, list[dict[str, object]]]:
-    """→ the table and, per image, its generated caption and references."""
+    """→ the table and, per image, its generated caption and references. Stops (naming the
+    first problems) when more than `max_bad_fraction` of the rows are malformed or their images
+    unreadable: a score over what is left would say nothing about the collection."""
     bad = BadInputLog()
     rows = read_collection(Path(path), image_dir, bad)
     refs: dict[str, list[str]] = defaultdict(list)
+    truncated = 0
     for r in rows:
-        refs[r.image].append(r.caption)
+        truncated += len(r.caption) > MAX_CAPTION_CHARS
+        refs[r.image].append(r.caption[:MAX_CAPTION_CHARS])
     encoded = ev.encode_images(list(refs), desc="collection images")
     images = encoded.paths
+    malformed = bad.total
+    for missing in encoded.unreadable:
+        bad.add("unreadable image", f"{missing}: unreadable image ({len(refs[missing])} rows)")
+    seen = len(rows) + malformed
+    lost = malformed + sum(len(refs[m]) for m in encoded.unreadable)
+    if seen and lost / seen > max_bad_fraction:
+        first = "\n  ".join(bad.messages[:10])
+        raise TooManyBadInputs(
+            f"{path}: {lost} of {seen} rows are malformed or their image unreadable "
+            f"({lost / seen:.1%} > limit {max_bad_fraction:.1%}); first problems:\n  {first}"
+        )
     if not images:
         raise ValueError(f"{path}: no readable image")
-    kept = set(images)
-    texts = sorted({r.caption for r in rows if r.image in kept})
+    texts = sorted({c for p in images for c in refs[p]})
     text_emb = ev.query_embeddings([[t] for t in texts], desc="captions")
     image_emb = ev.image_embeddings(encoded.features)
     scores = cosine_scores(text_emb, image_emb)  # (T, I)
@@ -72,6 +94,7 @@ def evaluate_collection(
         "images": len(images),
         "distinct_captions": len(texts),
         "skipped_unreadable_images": len(encoded.unreadable),
+        "captions_truncated": truncated,
         **{f"skipped_{k.replace(' ', '_')}": v for k, v in bad.counts.items()},
     }
     return TaskResult(f"captioned collection: {Path(path).name}", table, counts), generated
