@@ -4,6 +4,7 @@ tensors of an uninterrupted run with the same seed (bit-identical on CPU)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -82,6 +83,11 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_tensors(tiny_world
     _run_to_end(configs["killed"], home)
 
     assert kills >= 3, "the run finished before most kills: make it longer"
+    # Each restart went on from its saved state: a step is logged again only when a kill fell
+    # between logging it and saving it (at most one step back), never from the start.
+    logged = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "caption_loss" in r]
+    drops = [a - b for a, b in zip(logged, logged[1:], strict=False) if b <= a]
+    assert all(d <= 1 for d in drops), f"a restart went back further than one step: {logged}"
     assert len(set(steps_seen)) >= 2, f"kills did not land at different steps: {steps_seen}"
     reference = load_file(str(tmp_path / "reference" / "checkpoint" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "killed" / "checkpoint" / "model.safetensors"))

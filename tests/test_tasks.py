@@ -1,5 +1,6 @@
 """The ship recipe's retrieval contexts (training/tasks.py) and training with them."""
 
+import json
 import random
 
 import torch
@@ -62,6 +63,8 @@ def test_training_with_contexts_runs_and_resumes_exactly(tiny_world, tmp_path): 
     assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
     train(config(tmp_path / "split", stop_at_step=2))
     train(config(tmp_path / "split"))
+    logged = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "caption_loss" in r] == [1, 2, 3, 4, 5]  # went on from step 2
     full = load_file(str(tmp_path / "full" / "checkpoint" / "model.safetensors"))
     split = load_file(str(tmp_path / "split" / "checkpoint" / "model.safetensors"))
     for name in full:

@@ -230,6 +230,9 @@ def test_resume_continues_where_it_stopped(tiny_world, tmp_path):
     train(tiny_config(tiny_world, tmp_path / "split", stop_at_step=3))
     assert _rows(tmp_path / "split")[-1]["step"] == 3
     train(tiny_config(tiny_world, tmp_path / "split"))
+    # The second run went on from step 3: a resume that silently restarted from 0 would log
+    # 1, 2, 3 again (and, training being deterministic, end at the same tensors).
+    assert [r["step"] for r in _rows(tmp_path / "split")] == [1, 2, 3, 4, 5, 6]
     full = load_file(str(tmp_path / "full" / "checkpoint" / "model.safetensors"))
     split = load_file(str(tmp_path / "split" / "checkpoint" / "model.safetensors"))
     for name in full:
