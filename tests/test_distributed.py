@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fromage.config import TaskMix
 from fromage.training.distributed import launch
 from fromage.training.loop import train
 
@@ -26,9 +27,17 @@ def _steps(out: Path) -> list[dict]:
 
 
 def _config(world: Path, out: Path, **overrides):
-    # Feature dropout and interleaving on: their random draws must be shared out exactly.
+    # Feature dropout, interleaving and retrieval contexts on: their random draws must be
+    # shared out exactly.
     config = tiny_config(
-        world, out, max_steps=4, batch_size=4, retrieval_batch_size=6, refine_steps=0, interleave_prob=0.5
+        world,
+        out,
+        max_steps=4,
+        batch_size=4,
+        retrieval_batch_size=6,
+        refine_steps=0,
+        interleave_prob=0.5,
+        tasks=TaskMix(batch_size=4),
     )
     config.model.feature_dropout = 0.3
     for key, value in overrides.items():
@@ -52,6 +61,9 @@ def test_two_processes_match_one_process_and_resume_with_another_count(tiny_worl
     for a, b in zip(single, double, strict=True):
         for key in ("loss", "caption_loss", "ret_lm_loss", "contrastive_loss"):
             assert abs(a[key] - b[key]) < 1e-4, (a["step"], key, a[key], b[key])
+        # AdamW and clipping would hide a uniformly scaled gradient (a mean instead of a sum
+        # over processes) in the tensors; the gradient norm before clipping shows it.
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a, b)
     # One checkpoint, written by the main process, equal to the single-process one.
     assert sorted(p.name for p in (two / "checkpoint").iterdir()) == ["config.json", "model.safetensors"]
     for name, tensor in _tensors(one).items():
