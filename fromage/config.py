@@ -360,6 +360,10 @@ class ServeConfig:
     connection is closed (slow clients cannot hold a worker forever)."""
     max_connections: int = 256
     """Concurrent connections `serve` accepts; more get a 503 at once instead of queueing."""
+    max_connections_per_client: int = 32
+    """Connections one client address may hold open; more are closed at once."""
+    head_timeout_s: float = 10.0
+    """A connection that has not sent a whole request line and headers this long after it opened (or after its last response) is closed: idle connections cannot starve the others."""
     batch_size: int = 16
     """Most retrieve/caption requests run together; 1 = one at a time."""
     batch_wait_ms: float = 5.0

@@ -12,6 +12,7 @@ import uvicorn
 from fromage.apps.serve import ServeConfig, create_app
 
 from .test_pipeline import bot  # noqa: F401  (fixture)
+from .test_serve_slow_client import _read_response
 from .test_train import tiny_world  # noqa: F401  (fixture)
 
 PIECE_DELAY_S = 0.05
@@ -75,3 +76,88 @@ def test_an_abandoned_stream_frees_the_model_within_a_second(server):
     assert reply.choices[0].message is not None
     # 200 slowed pieces would take 10 s; a freed lock leaves this request its own 2 pieces.
     assert waited < 1.0 + 2 * PIECE_DELAY_S + 0.5, waited
+
+
+def _guarded_server(bot_model, **config):
+    """A real server with the production protocol options (`serve`'s), in a thread."""
+    from fromage.apps.serve.connections import guarded_protocol
+
+    settings = ServeConfig(**config)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(bot_model, settings)
+    protocol = guarded_protocol(settings.head_timeout_s, settings.max_connections_per_client)
+    instance = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            limit_concurrency=settings.max_connections,
+            http=protocol,
+        )
+    )
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    for _ in range(600):
+        if instance.started:
+            break
+        time.sleep(0.05)
+    assert instance.started
+    return instance, thread, port
+
+
+def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_and_half_sent_connections_time_out_and_cannot_starve_others(bot):  # noqa: F811
+    """Issue #18 item 3: connections that sent nothing, or half a request line, were never
+    timed out, and once `max_connections` of them were open every other request, /health
+    included, got a 503. Here 6 such connections fill a server that takes 6: they are closed
+    after the head timeout, and then a client is served."""
+    import httpx
+
+    fromage, _ = bot
+    instance, thread, port = _guarded_server(
+        fromage, max_connections=6, head_timeout_s=1.0, max_connections_per_client=100
+    )
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        half = socket.create_connection(("127.0.0.1", port))
+        half.sendall(b"GET /heal")
+        start = time.monotonic()
+        assert all(_closed_by_server(s, 5.0) for s in [*idle, half])
+        assert time.monotonic() - start < 3.0
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        # A kept-alive connection that starts a second request and stalls is closed too.
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _read_response(sock).startswith(b"HTTP/1.1 200")
+            sock.sendall(b"GET /hea")
+            assert _closed_by_server(sock, 5.0)
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_one_client_cannot_hold_more_than_its_share(bot):  # noqa: F811
+    fromage, _ = bot
+    instance, thread, port = _guarded_server(fromage, head_timeout_s=30.0, max_connections_per_client=3)
+    try:
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        extra = socket.create_connection(("127.0.0.1", port))
+        assert _closed_by_server(extra, 5.0)  # the fourth is closed at once
+        assert not _closed_by_server(held[0], 0.5)  # the first three are kept (for now)
+        for s in held:
+            s.close()
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=30)

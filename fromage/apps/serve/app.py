@@ -21,6 +21,7 @@ from ...config import ServeConfig
 from ...data.shards import read_member, split_tar_ref
 from ...pipeline import Fromage, PromptItem, RetrievedImage
 from .batching import MicroBatcher, caption_jobs
+from .connections import guarded_protocol
 from .files import VerifiedFiles
 from .images import decode_data_url, fetch_allowed
 from .middleware import BodyLimit
@@ -307,4 +308,5 @@ def serve(
         port=port,
         log_level="info",
         limit_concurrency=config.max_connections,
+        http=guarded_protocol(config.head_timeout_s, config.max_connections_per_client),
     )
