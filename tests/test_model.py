@@ -145,3 +145,44 @@ def test_hf_clip_vision_tower_gives_pooled_features():
     feats = encoder.encode([Image.new("RGB", (20, 30), (200, 10, 10)), Image.new("RGB", (16, 16))])
     assert feats.shape == (2, 32)
     assert all(not p.requires_grad for p in encoder.parameters())
+
+
+def test_preprocessing_resamples_only_the_centre_crop(monkeypatch):
+    """Issue #18 item 2: the shorter side was resized to S first, so a 10000×1 image made a
+    2.24M × 224 intermediate (GBs, seconds). Only the crop is resampled now; the pixels equal
+    resizing the whole image and cropping (the naive twin), up to one 8-bit step of rounding."""
+    import numpy as np
+    from PIL import Image
+
+    from fromage.backbones import build_hf_vision
+
+    from .conftest import tiny_clip_vision
+
+    encoder = build_hf_vision(tiny_clip_vision(), "tiny-clip", 32)
+    rng = np.random.default_rng(0)
+
+    def naive(image):
+        w, h = image.size
+        scale = 32 / min(w, h)
+        nw, nh = max(32, round(w * scale)), max(32, round(h * scale))
+        big = image.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - 32) // 2, (nh - 32) // 2
+        array = np.asarray(big.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 255.0
+        return ((array - encoder.mean) / encoder.std).transpose(2, 0, 1)
+
+    for w, h in ((45, 30), (30, 45), (64, 64), (100, 37)):
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        got = encoder.preprocess([image])[0].numpy()
+        step = (1 / 255) / np.asarray(encoder.std).min()
+        assert np.abs(got - naive(image)).max() <= step + 1e-6, (w, h)
+
+    sizes = []
+    real_resize = Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    encoder.preprocess([Image.new("RGB", (10_000, 1), (255, 0, 0))])
+    assert sizes and max(w * h for w, h in sizes) <= 32 * 32
