@@ -252,7 +252,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.task == "vist":
         results = run.eval_vist(model, args.data, args.images, out, text_field=args.vist_text_field)
     elif args.task.startswith("visdial"):
-        results = run.eval_visdial(model, args.data, args.images, out, task=args.task, dense=args.dense)
+        results = run.eval_visdial(
+            model,
+            args.data,
+            args.images,
+            out,
+            task=args.task,
+            dense=args.dense,
+            image_pattern=args.image_pattern,
+        )
     else:
         results = run.eval_collection(model, args.data, args.images, out, captions=not args.no_captions)
     if args.task == "offline":
@@ -373,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="directory of the benchmark's images")
     p.add_argument("--dense", default=None, help="VisDial dense annotations (NDCG) for visdial-answers")
     p.add_argument("--vist-text-field", default="text", choices=["text", "original_text"])
+    p.add_argument(
+        "--image-pattern",
+        default=None,
+        help="VisDial image file names, e.g. '{image_id}.jpg' (fields {image_id}, {split}); default: "
+        "the official names (VisualDialog_val2018_000000000001.jpg, COCO_train2014_…)",
+    )
     p.add_argument("--no-captions", action="store_true", help="collection: skip greedy captioning")
     p.add_argument("--out", default=None, help="output directory (default: runs/eval-TASK)")
     p = sub.add_parser("demo", help="the shipped model in a scripted conversation (prints it, writes HTML)")

@@ -256,7 +256,7 @@ def write_visdial_fixture(
 
     visdial = {
         "version": "1.0",
-        "split": "val",
+        "split": "val2018",  # as the official file says it
         "data": {"questions": questions, "answers": answers, "dialogs": dialogs},
     }
     json_path = root / "visdial_1.0_val.json"

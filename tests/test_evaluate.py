@@ -286,3 +286,31 @@ def test_eval_collection_stops_when_most_images_are_unreadable_and_cuts_long_cap
     saved = json.loads((tmp_path / "l" / "results.json").read_text())
     assert saved["tasks"]["captioned collection: long.tsv"]["counts"]["captions_truncated"] == 1
     assert "text → image" in out
+
+
+def test_visdial_split_names_of_the_official_files_and_an_image_pattern(tmp_path):
+    """Issue #16: the official files say "val2018"/"test2018" ("train"/"train2018" for training);
+    only "val"/"test"/"train" were known, so the real validation file was refused."""
+    from fromage.evaluate.formats import load_visdial
+
+    from .eval_fixtures import write_visdial_fixture
+
+    json_path, image_dir, _ = write_visdial_fixture(tmp_path / "official")
+    assert json.loads(json_path.read_text())["split"] == "val2018"
+    loaded = load_visdial(json_path, image_dir)
+    assert loaded.split == "val2018" and loaded.dialogs
+    # Images named otherwise: an explicit pattern.
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for image in image_dir.rglob("VisualDialog_val2018_*.jpg"):
+        (renamed / f"{int(image.stem.rsplit('_', 1)[1])}.jpg").write_bytes(image.read_bytes())
+    again = load_visdial(json_path, renamed, image_pattern="{image_id}.jpg")
+    assert len(again.dialogs) == len(loaded.dialogs)
+    assert all(d.image.parent == renamed for d in again.dialogs)
+    for name, short in (("test2018", "test"), ("train2018", "train")):
+        data = json.loads(json_path.read_text())
+        data["split"] = name
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+        from fromage.evaluate.formats import VISDIAL_IMAGE_PATTERNS, VISDIAL_SPLIT_NAMES
+
+        assert VISDIAL_SPLIT_NAMES[name] == short and short in VISDIAL_IMAGE_PATTERNS

@@ -68,6 +68,18 @@ VISDIAL_IMAGE_SUBDIRS = {
 }
 
 
+# The official JSON files name their split "train" (v1.0: also "train2018"), "val2018" and
+# "test2018"; the short names are what earlier releases and most tools write.
+VISDIAL_SPLIT_NAMES = {
+    "train": "train",
+    "train2018": "train",
+    "val": "val",
+    "val2018": "val",
+    "test": "test",
+    "test2018": "test",
+}
+
+
 class FormatError(ValueError):
     """A benchmark file without the published structure."""
 
@@ -295,6 +307,7 @@ class VisDialData:
 
 
 def _visdial_finder(image_dir: Path, split: str, pattern: str | None) -> Callable[[int], Path | None]:
+    split = VISDIAL_SPLIT_NAMES.get(split, split)
     if pattern is not None:
         if "{image_id" not in pattern:
             raise ValueError(f"image_pattern {pattern!r} has no {{image_id}} field")

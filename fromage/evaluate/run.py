@@ -80,12 +80,15 @@ def eval_visdial(
     out_dir: str | Path = "runs/eval-visdial",
     task: str = "visdial-retrieval",
     dense: str | Path | None = None,
+    image_pattern: str | None = None,
 ) -> list[TaskResult]:
+    """`image_pattern` (fields `{image_id}`, `{split}`) names the image files when they are not
+    named as the official zips name them."""
     from .formats import load_visdial, load_visdial_dense
     from .paper import evaluate_visdial_answers, evaluate_visdial_retrieval
 
     started = time.time()
-    loaded = load_visdial(data, images)
+    loaded = load_visdial(data, images, image_pattern=image_pattern)
     ev = Evaluator.load(checkpoint)
     if task == "visdial-retrieval":
         result = evaluate_visdial_retrieval(ev, loaded)
