@@ -6,16 +6,21 @@ from .config import DataConfig, EncoderConfig, LMConfig, ModelConfig, TrainConfi
 
 if TYPE_CHECKING:
     from .model import FromageModel
+    from .pipeline import Fromage
 
 __version__ = "0.1.0"
-__all__ = ["FromageModel", "ModelConfig", "LMConfig", "EncoderConfig", "DataConfig", "TrainConfig"]
+__all__ = ["Fromage", "FromageModel", "ModelConfig", "LMConfig", "EncoderConfig", "DataConfig", "TrainConfig"]
 
 
 def __getattr__(name: str) -> Any:
-    # The model pulls in torch (~4 s): commands that may not need it (`fromage index` on an
-    # up-to-date collection) stay fast.
+    # The model and the pipeline pull in torch (~4 s): commands that may not need it
+    # (`fromage index` on an up-to-date collection) stay fast.
     if name == "FromageModel":
         from .model import FromageModel
 
         return FromageModel
+    if name == "Fromage":
+        from .pipeline import Fromage
+
+        return Fromage
     raise AttributeError(f"module 'fromage' has no attribute {name!r}")

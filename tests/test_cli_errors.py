@@ -36,3 +36,16 @@ def test_the_api_key_can_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("FROMAGE_API_KEY", "sesame")
     assert main(["serve", "--model", "m"]) == 0
     assert seen["config"].api_key == "sesame"
+
+
+def test_version_and_the_top_level_pipeline(capsys):
+    """Issue #16: no `--version`; `from fromage import Fromage` failed."""
+    import fromage
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"fromage {fromage.__version__}"
+    from fromage import Fromage
+    from fromage.pipeline import Fromage as Pipeline
+
+    assert Fromage is Pipeline
