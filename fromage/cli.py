@@ -278,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import ChatConfig, ServeConfig
 
     parser = argparse.ArgumentParser(prog="fromage", description="FROMAGe: frozen LMs grounded to images.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (and show tracebacks)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log at INFO level (and show tracebacks)"
+    )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"fromage {__version__}")

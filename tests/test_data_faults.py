@@ -204,3 +204,24 @@ def test_hostile_jsonl_lines_are_counted_and_skipped_naming_the_line(tmp_path):
             number,
             bad.messages,
         )
+
+
+def test_a_phone_photo_is_loaded_upright(tmp_path):
+    """Issue #16: the EXIF orientation tag was ignored, so a phone photo arrived sideways."""
+    from PIL import Image
+
+    from fromage.data.images import load_image
+
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 10, 20))  # blue on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    path = tmp_path / "phone.jpg"
+    wide.save(path, exif=exif, quality=95)
+    loaded = load_image(path)
+    assert loaded.size == (20, 40)  # shown upright: taller than wide
+    r, g, b = loaded.getpixel((10, 2))  # the blue band is now at the top
+    assert b > 200 and r < 60
+    plain = tmp_path / "plain.png"
+    wide.save(plain)
+    assert load_image(plain).size == (40, 20)  # no tag: unchanged

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TypeAlias
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .shards import read_member, split_tar_ref
 
@@ -44,13 +44,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The picture as it is meant to be seen: a phone photo stores its pixels sideways and says
+    so in its EXIF orientation tag (images without the tag are returned as they are)."""
+    return ImageOps.exif_transpose(image) or image
+
+
 def load_image(source: ImageLike) -> Image.Image:
     """Decode a path or tar reference (or pass a PIL image through) as RGB; raise `ImageError`
     naming the file."""
     if isinstance(source, Image.Image):
         if source.width * source.height > MAX_PIXELS:
             raise ImageError(f"image has {source.width * source.height} pixels, limit {MAX_PIXELS}")
-        return to_rgb(source)
+        return to_rgb(upright(source))
     path = Path(source)
     member = split_tar_ref(source)
     try:
@@ -63,7 +69,7 @@ def load_image(source: ImageLike) -> Image.Image:
                 )
             image.seek(0)  # first frame of animations
             image.load()
-            return to_rgb(image)
+            return to_rgb(upright(image))
     except ImageError:
         raise
     except FileNotFoundError as exc:
