@@ -16,7 +16,7 @@ and `score` cover captioning, prompt → images, and answer selection by log-lik
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -184,17 +184,21 @@ class Fromage:
         seed: int | None = None,
         exclude: Iterable[int] = (),
         **overrides: Any,
-    ) -> Iterator[str | list[RetrievedImage]]:
+    ) -> Generator[str | list[RetrievedImage], None, str]:
         """Yield text pieces as they are decoded and, at each `[RET]`, the retrieved images
         (never the prompt's own images, nor index rows in `exclude`). `overrides` are
-        `GenerationConfig` fields (max_new_tokens, temperature, top_p, stop, …)."""
+        `GenerationConfig` fields (max_new_tokens, temperature, top_p, stop, …). The generator
+        returns why the answer ended: "stop" (end of text or a stop string) or "length"
+        (`max_new_tokens` reached), as OpenAI's `finish_reason` says it."""
         config = self._config(overrides)
         enc = self.encode(prompt)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         pending: list[int] = []  # tokens of the text since the last [RET]
         shown = ""  # the part of their text already yielded
         exclude = set(enc.context_rows) | set(exclude)
+        steps = 0
         for step in decode(self.model, enc.input_ids, enc.image_features, self.special, config, generator):
+            steps += 1
             if step.ret_hidden is None:
                 pending.append(step.token_id)
                 text = self.tokenizer.decode(pending, skip_special_tokens=True)
@@ -205,7 +209,7 @@ class Fromage:
                     yield safe[len(shown) :]
                     shown = safe
                 if stopped:
-                    return
+                    return "stop"
                 continue
             rest = self._rest(pending, shown)
             if rest:
@@ -217,6 +221,7 @@ class Fromage:
         rest = self._rest(pending, shown)
         if rest:
             yield rest
+        return "length" if steps >= config.max_new_tokens else "stop"
 
     def _rest(self, pending: list[int], shown: str) -> str:
         """Text of `pending` not yet yielded (held back as a possible stop string, or partial)."""
@@ -227,8 +232,19 @@ class Fromage:
         self, prompt: Sequence[PromptItem], seed: int | None = None, **overrides: Any
     ) -> list[str | RetrievedImage]:
         """The answer as a list: text pieces (merged) and retrieved images, in order."""
+        return self.complete(prompt, seed, **overrides)[0]
+
+    def complete(
+        self, prompt: Sequence[PromptItem], seed: int | None = None, **overrides: Any
+    ) -> tuple[list[str | RetrievedImage], str]:
+        """`generate`'s answer and why it ended ("stop" or "length", see `stream`)."""
         out: list[str | RetrievedImage] = []
-        for piece in self.stream(prompt, seed, **overrides):
+        pieces = self.stream(prompt, seed, **overrides)
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as end:
+                return out, end.value
             if isinstance(piece, str):
                 if out and isinstance(out[-1], str):
                     out[-1] += piece
@@ -236,7 +252,6 @@ class Fromage:
                     out.append(piece)
             else:
                 out.extend(piece)
-        return out
 
     def generate_batch(
         self, prompts: Sequence[Sequence[PromptItem]], seed: int | None = None, **overrides: Any

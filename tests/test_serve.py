@@ -65,7 +65,10 @@ def test_health_models_and_chat_with_an_image(client):
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     images = [i for c in chunks for i in c["choices"][0]["delta"].get("images", [])]
     assert text == msg["content"] and [i["id"] for i in images] == [i["id"] for i in msg["images"]]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    # Both forms end for the same reason (6 tokens of a tiny random model: cut, "length").
+    assert (
+        chunks[-1]["choices"][0]["finish_reason"] == reply.json()["choices"][0]["finish_reason"] == "length"
+    )
 
 
 def test_retrieve_and_caption(client, bot):  # noqa: F811
@@ -196,8 +199,22 @@ def test_the_openai_client_reads_plain_and_streamed_completions(bot):  # noqa: F
             max_tokens=5,
             stream=True,
         )
-        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        chunks = [chunk for chunk in stream if chunk.choices]
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
         assert streamed == plain.choices[0].message.content
+        # Issue #16: finish_reason was always "stop". The tiny model does not end on its own
+        # within 2 tokens, so both answers are cut by max_tokens: "length".
+        no_images = {"max_images": 0}
+        message = [{"role": "user", "content": "a red"}]
+        cut = client.chat.completions.create(
+            model="fromage-default", messages=message, max_tokens=2, extra_body=no_images
+        )
+        assert cut.choices[0].finish_reason == "length"
+        cut_stream = client.chat.completions.create(
+            model="fromage-default", messages=message, max_tokens=2, stream=True, extra_body=no_images
+        )
+        reasons = [c.choices[0].finish_reason for c in cut_stream if c.choices and c.choices[0].finish_reason]
+        assert reasons == ["length"]
     finally:
         server.should_exit = True
         thread.join(timeout=10)

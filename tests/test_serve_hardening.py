@@ -25,7 +25,12 @@ def server(bot):  # noqa: F811
     real_stream = fromage.stream
 
     def slow_stream(*args, **kwargs):
-        for piece in real_stream(*args, **kwargs):
+        pieces = real_stream(*args, **kwargs)
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as end:
+                return end.value  # the finish reason
             time.sleep(PIECE_DELAY_S)
             yield piece
 

@@ -251,7 +251,7 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
                             yield chunk({"content": piece})
                         else:
                             yield chunk({"content": "", "images": [image_json(i) for i in piece]})
-                    yield chunk({}, "stop")
+                    yield chunk({}, pieces.finish_reason)
                 except Exception as error:  # a stream that fails mid-way says so, then ends
                     yield f"data: {json.dumps(stream_error(error))}\n\n"
                 finally:
@@ -260,7 +260,9 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
 
             return StreamingResponse(events(), media_type="text/event-stream")
         with lock:
-            answer = bot.generate(prompt, seed=None if body.seed is None else body.seed % 2**64, **settings)
+            answer, finish_reason = bot.complete(
+                prompt, seed=None if body.seed is None else body.seed % 2**64, **settings
+            )
         text = "".join(p for p in answer if isinstance(p, str))
         images = [image_json(p) for p in answer if isinstance(p, RetrievedImage)]
         # The answer text re-tokenised, plus the one `[RET]` that retrieved its images.
@@ -274,7 +276,7 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": text, "images": images},
-                    "finish_reason": "stop",
+                    "finish_reason": finish_reason,
                 }
             ],
             "usage": {

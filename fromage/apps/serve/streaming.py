@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 _DONE = object()
 
 
 class StreamedPieces:
-    def __init__(self, start: Callable[[], Iterable[Any]], lock: threading.Lock):
+    def __init__(self, start: Callable[[], Iterator[Any]], lock: threading.Lock):
         self._start, self._lock = start, lock
         self._cancelled = threading.Event()
         self._thread: threading.Thread | None = None
+        self.finish_reason = "stop"
+        """What the decoding generator returned ("stop" or "length"), once it is done."""
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -31,8 +33,12 @@ class StreamedPieces:
 
         try:
             with self._lock:
-                for piece in self._start():
-                    if self._cancelled.is_set():
+                pieces = self._start()
+                while not self._cancelled.is_set():
+                    try:
+                        piece = next(pieces)
+                    except StopIteration as end:
+                        self.finish_reason = end.value or "stop"
                         break
                     hand_over(piece)
             hand_over(_DONE)
