@@ -47,6 +47,15 @@ class RetrievedImage:
     row: int
 
 
+@dataclass(frozen=True)
+class Ending:
+    """How an answer ended: `reason` as OpenAI's `finish_reason` says it ("stop": end of text or
+    a stop string; "length": `max_new_tokens` reached), and the tokens decoded (`[RET]`s too)."""
+
+    reason: str
+    tokens: int
+
+
 @dataclass
 class EncodedPrompt:
     input_ids: torch.Tensor  # (1, T) with IMAGE_TOKEN_ID slots
@@ -184,12 +193,11 @@ class Fromage:
         seed: int | None = None,
         exclude: Iterable[int] = (),
         **overrides: Any,
-    ) -> Generator[str | list[RetrievedImage], None, str]:
+    ) -> Generator[str | list[RetrievedImage], None, Ending]:
         """Yield text pieces as they are decoded and, at each `[RET]`, the retrieved images
         (never the prompt's own images, nor index rows in `exclude`). `overrides` are
         `GenerationConfig` fields (max_new_tokens, temperature, top_p, stop, …). The generator
-        returns why the answer ended: "stop" (end of text or a stop string) or "length"
-        (`max_new_tokens` reached), as OpenAI's `finish_reason` says it."""
+        returns how the answer ended (`Ending`)."""
         config = self._config(overrides)
         enc = self.encode(prompt)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
@@ -209,7 +217,7 @@ class Fromage:
                     yield safe[len(shown) :]
                     shown = safe
                 if stopped:
-                    return "stop"
+                    return Ending("stop", steps)
                 continue
             rest = self._rest(pending, shown)
             if rest:
@@ -221,7 +229,7 @@ class Fromage:
         rest = self._rest(pending, shown)
         if rest:
             yield rest
-        return "length" if steps >= config.max_new_tokens else "stop"
+        return Ending("length" if steps >= config.max_new_tokens else "stop", steps)
 
     def _rest(self, pending: list[int], shown: str) -> str:
         """Text of `pending` not yet yielded (held back as a possible stop string, or partial)."""
@@ -236,8 +244,8 @@ class Fromage:
 
     def complete(
         self, prompt: Sequence[PromptItem], seed: int | None = None, **overrides: Any
-    ) -> tuple[list[str | RetrievedImage], str]:
-        """`generate`'s answer and why it ended ("stop" or "length", see `stream`)."""
+    ) -> tuple[list[str | RetrievedImage], Ending]:
+        """`generate`'s answer and how it ended (see `stream`)."""
         out: list[str | RetrievedImage] = []
         pieces = self.stream(prompt, seed, **overrides)
         while True:

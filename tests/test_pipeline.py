@@ -195,10 +195,10 @@ def test_cli_caption_goes_on_past_an_unreadable_image(bot, tmp_path, capsys):
 def test_complete_says_why_the_answer_ended(bot):
     """ "length" when max_new_tokens cut the answer, "stop" at a stop string."""
     fromage, _ = bot
-    answer, reason = fromage.complete(["a red"], max_new_tokens=3, max_rets=0)
+    answer, ending = fromage.complete(["a red"], max_new_tokens=3, max_rets=0)
     text = "".join(p for p in answer if isinstance(p, str))
-    assert reason == "length"
+    assert ending.reason == "length" and ending.tokens == 3
     if text.strip():
         stop = text.strip()[0]
-        stopped, reason = fromage.complete(["a red"], max_new_tokens=3, max_rets=0, stop=(stop,))
-        assert reason == "stop" and stop not in "".join(p for p in stopped if isinstance(p, str))
+        stopped, ending = fromage.complete(["a red"], max_new_tokens=3, max_rets=0, stop=(stop,))
+        assert ending.reason == "stop" and stop not in "".join(p for p in stopped if isinstance(p, str))

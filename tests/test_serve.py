@@ -215,6 +215,30 @@ def test_the_openai_client_reads_plain_and_streamed_completions(bot):  # noqa: F
         )
         reasons = [c.choices[0].finish_reason for c in cut_stream if c.choices and c.choices[0].finish_reason]
         assert reasons == ["length"]
+        # What ordinary clients send: standard parameters, a developer message, usage in the
+        # stream (each was a 400, or missing, before issue #16).
+        standard = client.chat.completions.create(
+            model="fromage-default",
+            messages=[{"role": "developer", "content": "Answer briefly."}, *message],
+            max_tokens=2,
+            user="someone",
+            frequency_penalty=0.5,
+            presence_penalty=0.1,
+            logprobs=False,
+            n=1,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=no_images,
+        )
+        last = list(standard)[-1]
+        assert last.choices == [] and last.usage is not None
+        assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+        assert last.usage.completion_tokens == 2  # cut by max_tokens: every token was decoded
+        models = client.models.list()
+        assert models.data[0].created > 0
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="fromage-default", messages=message, temperature=5)
+        assert bad.value.body["param"] == "temperature" and bad.value.body["code"] == "less_than_equal"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -30,7 +30,7 @@ def server(bot):  # noqa: F811
             try:
                 piece = next(pieces)
             except StopIteration as end:
-                return end.value  # the finish reason
+                return end.value  # how the answer ended
             time.sleep(PIECE_DELAY_S)
             yield piece
 

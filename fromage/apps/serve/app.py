@@ -34,6 +34,7 @@ from .schemas import (
     TextPart,
     describe_errors,
     error_response,
+    first_error_field,
 )
 from .streaming import StreamedPieces, stream_error
 
@@ -43,6 +44,7 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="fromage", description=__doc__.split("\n\n")[0] if __doc__ else "")
     lock = threading.Lock()
     verified = VerifiedFiles()
+    started = int(time.time())
     retrieve_queue = MicroBatcher(
         lambda jobs: bot.retrieve_batch([p for p, _ in jobs], k=max(k for _, k in jobs)),
         lock,
@@ -61,11 +63,12 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _apierror_response(_: Request, error: ApiError) -> JSONResponse:
-        return error_response(error.status, error.message, error.kind)
+        return error_response(error.status, error.message, error.kind, error.param, error.code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(400, describe_errors(error.errors()))
+        param, code = first_error_field(error.errors())
+        return error_response(400, describe_errors(error.errors()), param=param, code=code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -141,7 +144,8 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "owned_by": "fromage"}]}
+        model = {"id": config.model_id, "object": "model", "created": started, "owned_by": "fromage"}
+        return {"object": "list", "data": [model]}
 
     @app.get("/v1/images/{image_id}", response_model=None)
     def image(image_id: str) -> FileResponse | Response:
@@ -251,7 +255,12 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
                             yield chunk({"content": piece})
                         else:
                             yield chunk({"content": "", "images": [image_json(i) for i in piece]})
-                    yield chunk({}, pieces.finish_reason)
+                    ending = pieces.ending
+                    yield chunk({}, ending.reason if ending else "stop")
+                    if body.stream_options is not None and body.stream_options.include_usage:
+                        usage = _usage(prompt_tokens, ending.tokens if ending else 0)
+                        last = {"id": completion_id, "object": "chat.completion.chunk", "created": created}
+                        yield f"data: {json.dumps({**last, 'model': model_id, 'choices': [], 'usage': usage})}\n\n"
                 except Exception as error:  # a stream that fails mid-way says so, then ends
                     yield f"data: {json.dumps(stream_error(error))}\n\n"
                 finally:
@@ -260,13 +269,12 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
 
             return StreamingResponse(events(), media_type="text/event-stream")
         with lock:
-            answer, finish_reason = bot.complete(
+            answer, ending = bot.complete(
                 prompt, seed=None if body.seed is None else body.seed % 2**64, **settings
             )
         text = "".join(p for p in answer if isinstance(p, str))
         images = [image_json(p) for p in answer if isinstance(p, RetrievedImage)]
-        # The answer text re-tokenised, plus the one `[RET]` that retrieved its images.
-        completion = _token_count(bot, text) + (1 if images else 0)
+        completion = ending.tokens  # what was decoded, `[RET]`s included
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -276,21 +284,21 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": text, "images": images},
-                    "finish_reason": finish_reason,
+                    "finish_reason": ending.reason,
                 }
             ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion,
-            },
+            "usage": _usage(prompt_tokens, completion),
         }
 
     return app
 
 
-def _token_count(bot: Fromage, text: str) -> int:
-    return len(bot.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def serve(

@@ -21,8 +21,8 @@ class StreamedPieces:
         self._start, self._lock = start, lock
         self._cancelled = threading.Event()
         self._thread: threading.Thread | None = None
-        self.finish_reason = "stop"
-        """What the decoding generator returned ("stop" or "length"), once it is done."""
+        self.ending: Any = None
+        """What the decoding generator returned (pipeline.Ending), once it is done."""
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -38,7 +38,7 @@ class StreamedPieces:
                     try:
                         piece = next(pieces)
                     except StopIteration as end:
-                        self.finish_reason = end.value or "stop"
+                        self.ending = end.value
                         break
                     hand_over(piece)
             hand_over(_DONE)
