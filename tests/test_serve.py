@@ -319,8 +319,9 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event_and_done(bot, monke
 def test_image_ids_have_one_spelling(client, spelling):
     """Issue #18 item 9: "+1", "1_0" and " 1" were accepted as other names of a row."""
     reply = client.get(f"/v1/images/{spelling}")
-    assert reply.status_code == 404, reply.text
-    assert "row numbers" in reply.json()["error"]["message"]
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "path.image_id" and "pattern" in error["message"]
 
 
 def test_errors_do_not_show_object_reprs(client):

@@ -97,7 +97,9 @@ def test_a_stalled_body_gets_408_and_others_are_served_meanwhile(server):
 
 def test_a_client_that_sends_nothing_is_answered_408_too(server):
     slow = socket.create_connection(("127.0.0.1", server), timeout=60)
-    slow.sendall(b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+    slow.sendall(
+        b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
     reply = _read_all(slow)
     slow.close()
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]

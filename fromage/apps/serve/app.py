@@ -9,9 +9,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
@@ -148,16 +149,9 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
         return {"object": "list", "data": [model]}
 
     @app.get("/v1/images/{image_id}", response_model=None)
-    def image(image_id: str) -> FileResponse | Response:
-        # Only the plain decimal spelling names a row: "+1", "1_0", " 1" or "01" are not other
-        # names of row 1 (int() would take them).
-        if not (
-            image_id.isascii()
-            and image_id.isdigit()
-            and len(image_id) <= 12
-            and image_id == str(int(image_id))
-        ):
-            raise ApiError(404, f"no image {image_id[:40]!r} in the index: ids are row numbers", "not_found")
+    def image(image_id: Annotated[str, PathParam(pattern=ROW_ID)]) -> FileResponse | Response:
+        # Only the plain decimal spelling names a row (the pattern, checked before this runs):
+        # "+1", "1_0", " 1" or "01" are not other names of row 1, as int() would have them.
         row = int(image_id)
         if bot.index is None or not 0 <= row < len(bot.index):
             raise ApiError(404, f"no image {row} in the index", "not_found")
@@ -291,6 +285,10 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
         }
 
     return app
+
+
+ROW_ID = r"^(0|[1-9][0-9]{0,11})$"
+"""An image id: a row number in plain decimal."""
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
