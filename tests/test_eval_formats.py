@@ -136,7 +136,7 @@ def test_vist_bad_json_and_missing_image_dir(tmp_path):
 def test_visdial_loads_dialogues_and_counts_the_missing_image(tmp_path):
     json_path, image_dir, _ = write_visdial_fixture(tmp_path, n_dialogs=3)
     data = load_visdial(json_path, image_dir)
-    assert data.split == "val"
+    assert data.split == "val2018"  # as the official file says it
     assert data.skipped == {"dialogs_missing_image": 1}
     assert [d.image_id for d in data.dialogs] == [visdial_image_id(d) for d in range(3)]
     for d, dialog in enumerate(data.dialogs):
