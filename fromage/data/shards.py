@@ -39,8 +39,7 @@ TABLES_PER_PROCESS = 64
 """Shard tables kept per process (least recently used dropped): a 10k-sample shard's table is
 ~3 MB, and readers go through shards in order, so a few suffice."""
 
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"(\d+)\.\.(\d+)")
+_RANGES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
 # ---------------------------------------------------------------- shard lists
@@ -52,26 +51,17 @@ def is_shard_source(source: str | os.PathLike) -> bool:
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Brace expansion as webdataset/img2dataset write it: `{000..012}` (zero-padded like the
-    lower bound when it has a leading zero) and `{a,b,c}`; several groups multiply."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    numbers = _RANGE.fullmatch(body)
-    if numbers:
-        lo_text, hi_text = numbers.groups()
-        lo, hi = int(lo_text), int(hi_text)
-        if hi < lo:
-            raise ValueError(f"brace range {{{body}}} in {pattern!r} runs backwards ({lo} > {hi})")
-        width = len(lo_text) if lo_text.startswith("0") and len(lo_text) > 1 else 0
-        options = [f"{i:0{width}d}" for i in range(lo, hi + 1)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        options = [match.group(0)]  # `{x}` is literal text, as in the shell
-    head, tails = pattern[: match.start()], expand_braces(pattern[match.end() :])
-    return [head + option + tail for option in options for tail in tails]
+    """Brace expansion as webdataset/img2dataset write it (the `braceexpand` package):
+    `{000..012}` zero-padded, `{a,b,c}`, several groups multiply, `{x}` stays literal. A range
+    that runs backwards is refused: in a shard pattern it is a typo, not a wish for reverse order."""
+    from braceexpand import braceexpand
+
+    for lo_text, hi_text in _RANGES.findall(pattern):
+        if int(hi_text) < int(lo_text):
+            raise ValueError(
+                f"brace range {{{lo_text}..{hi_text}}} in {pattern!r} runs backwards ({int(lo_text)} > {int(hi_text)})"
+            )
+    return list(braceexpand(pattern))
 
 
 def shard_paths(pattern: str | os.PathLike) -> list[str]:

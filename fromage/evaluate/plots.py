@@ -19,19 +19,19 @@ class RetrievalExample(Protocol):
 def save_retrieval_examples(path: str | Path, examples: Sequence[RetrievalExample], top: int = 5) -> Path:
     """One row per example: the query text, then its `top` images left to right."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure on its own Agg canvas: no pyplot, so the process's backend (a notebook's,
+        # say) is left as it was.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("plots need matplotlib: pip install 'fromage[eval]'") from err
     from ..data.images import load_image
 
     if not examples:
         raise ValueError("no examples to plot")
-    fig, axes = plt.subplots(
-        len(examples), top + 1, figsize=(2.0 * (top + 1), 2.2 * len(examples)), squeeze=False
-    )
+    fig = Figure(figsize=(2.0 * (top + 1), 2.2 * len(examples)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(examples), top + 1, squeeze=False)
     for row, example in zip(axes, examples, strict=True):
         row[0].axis("off")
         query = textwrap.fill(example.query, 28)
@@ -54,5 +54,4 @@ def save_retrieval_examples(path: str | Path, examples: Sequence[RetrievalExampl
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
-    plt.close(fig)
     return out

@@ -82,7 +82,12 @@ def init_processes(device: str = "auto") -> Processes:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return Processes(0, 1, torch.device(device))
-    from accelerate import PartialState
+    try:
+        from accelerate import PartialState
+    except ImportError as error:
+        raise ImportError(
+            "data-parallel training needs Hugging Face Accelerate: pip install 'fromage[distributed]'"
+        ) from error
 
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
     return Processes(state.process_index, state.num_processes, torch.device(state.device))
