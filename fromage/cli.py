@@ -118,7 +118,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     report = index_collection(
         args.source,
-        args.model,
+        _model(args),
         args.out,
         image_dir=args.image_dir,
         index_type=args.index_type,
@@ -143,7 +143,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     if args.encoder:
         encoder = EncoderConfig(name=args.encoder, image_size=args.image_size or 224)
     else:
-        encoder = load_encoder_config(args.checkpoint)  # default: the shipped model
+        encoder = load_encoder_config(_model(args))
         if args.image_size:
             encoder = EncoderConfig(name=encoder.name, image_size=args.image_size)
     report = extract_collection(
@@ -170,28 +170,62 @@ def _prompt(texts: Sequence[str], images: Sequence[str]) -> list:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
+    """Each text (with the `--image`s) + `[RET]` → the k best images; one model load for all."""
     from .pipeline import Fromage
 
-    bot = Fromage.from_pretrained(args.model, index=args.index, device=args.device)
-    for found in bot.retrieve(_prompt([args.text] if args.text else [], args.image), k=args.k):
-        print(f"{found.score:.3f}\t{found.path}\t{found.caption}")
+    if not args.texts and not args.image:
+        raise ValueError("give a text, an --image, or both")
+    model = _model(args)
+    index = args.index
+    if index is None:  # the Google emoji index of this model, built once under FROMAGE_HOME
+        from .apps.demo import emoji_index
+
+        index = emoji_index(model, echo=lambda line: print(line, file=sys.stderr))
+    bot = Fromage.from_pretrained(model, index=index, device=args.device)
+    queries = args.texts or [""]
+    found = bot.retrieve_batch([_prompt([t] if t else [], args.image) for t in queries], k=args.k)
+    if args.json:
+        results = [
+            {"query": q, "images": [{"path": f.path, "caption": f.caption, "score": f.score} for f in hits]}
+            for q, hits in zip(queries, found, strict=True)
+        ]
+        print(json.dumps(results if len(queries) > 1 else results[0], indent=2))
+        return 0
+    for q, hits in zip(queries, found, strict=True):
+        for f in hits:
+            print(
+                f"{q}\t{f.score:.3f}\t{f.path}\t{f.caption}"
+                if len(queries) > 1
+                else f"{f.score:.3f}\t{f.path}\t{f.caption}"
+            )
     return 0
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .data.images import ImageError
+    """Greedy captions of every image, in batches of one model load; an unreadable image is
+    reported and the others are still captioned (exit code 1 then)."""
+    from .data.images import ImageError, load_image
     from .pipeline import Fromage
 
-    bot = Fromage.from_pretrained(args.model, device=args.device)
-    failed = 0
-    for path in args.images:  # an unreadable image is reported; the others are still captioned
+    bot = Fromage.from_pretrained(_model(args), device=args.device)
+    readable, images, failed = [], [], 0
+    for path in args.images:
         try:
-            print(f"{path}\t{bot.caption(Path(path))}")
+            images.append(load_image(path))
+            readable.append(path)
         except ImageError as error:
             print(f"fromage caption: {error}", file=sys.stderr)
             failed += 1
+    captions = bot.caption_batch(images) if images else []
+    if args.json:
+        print(
+            json.dumps(
+                [{"image": p, "caption": c} for p, c in zip(readable, captions, strict=True)], indent=2
+            )
+        )
+    else:
+        for path, caption in zip(readable, captions, strict=True):
+            print(f"{path}\t{caption}")
     return 1 if failed else 0
 
 
@@ -201,7 +235,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .config import ChatConfig
     from .pipeline import Fromage
 
-    bot = Fromage.from_pretrained(args.model, index=args.index, device=args.device)
+    bot = Fromage.from_pretrained(_model(args), index=args.index, device=args.device)
     run_terminal(bot, settings_from(args, ChatConfig), save=args.save)
     return 0
 
@@ -209,38 +243,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .apps.demo import run_demo
 
-    report = run_demo(args.model, args.index, args.save)
+    report = run_demo(_model(args), args.index, args.save)
     return 0 if report.correct == report.requests or not args.check else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .apps.serve import serve
-    from .checkpoint import SHIPPED
     from .config import ServeConfig
 
     # The key from the environment keeps it out of the process list (`ps` shows flags).
     api_key = args.api_key or os.environ.get("FROMAGE_API_KEY", "")
     config = settings_from(args, ServeConfig, api_key=api_key)
-    serve(args.model or SHIPPED, args.index, args.host, args.port, config)
+    serve(_model(args), args.index, args.host, args.port, config)
     return 0
 
 
 def cmd_demo_web(args: argparse.Namespace) -> int:
     from .apps.demo import emoji_index
     from .apps.webui import launch
-    from .checkpoint import SHIPPED
 
-    checkpoint = args.model or str(SHIPPED)
+    checkpoint = _model(args)
     index = args.index or emoji_index(checkpoint)
     launch(checkpoint, index, args.host, args.port)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import SHIPPED
     from .evaluate import run
 
-    model = args.model or str(SHIPPED)
+    model = _model(args)
     out = args.out or f"runs/eval-{args.task}"
     needs_data = args.task != "offline"
     if needs_data and not args.data:
@@ -308,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         "emoji-twitter, easyvqa-train, easyvqa-test.",
     )
     p.add_argument("source")
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + model.safetensors)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
+    )
     p.add_argument("--out", required=True, help="index directory to create or grow")
     p.add_argument(
         "--index-type",
@@ -327,7 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-processes N takes shards (or images) r::N; each writes its own cache shards.",
     )
     p.add_argument("source")
-    p.add_argument("--checkpoint", default=None, help="use its encoder (default: the shipped model)")
+    p.add_argument(
+        "--model",
+        "--checkpoint",
+        dest="model",
+        default=None,
+        help="use its encoder (default: the shipped model)",
+    )
     p.add_argument("--encoder", default=None, help="or an encoder name: efficientnet-lite0, an HF model")
     p.add_argument("--image-size", type=int, default=0, help="encoder input side (default: the checkpoint's)")
     p.add_argument("--num-processes", type=int, default=1)
@@ -337,15 +376,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
     p.add_argument("--device", default="cpu", help="cpu, cuda (workers spread over GPUs), cuda:N")
     p = sub.add_parser("retrieve", help="text and/or images + [RET] → the best images of an index")
-    p.add_argument("text", nargs="?", default="", help="the text part of the prompt")
+    p.add_argument("texts", nargs="*", help="queries (each with the --image prompts); one model load for all")
     p.add_argument("--image", action="append", default=[], help="an image for the prompt (repeatable)")
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--index", required=True, help="index directory built by `fromage index`")
+    p.add_argument(
+        "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
+    )
+    p.add_argument(
+        "--index",
+        default=None,
+        help="index directory built by `fromage index` (default: the Google emoji index)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of tab-separated lines")
     p.add_argument("-k", type=_positive, default=3, help="images to return (at least 1)")
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("caption", help="greedy captions of images")
     p.add_argument("images", nargs="+")
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tab-separated lines")
+    p.add_argument(
+        "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
+    )
     p.add_argument("--device", default="cpu")
     p = sub.add_parser(
         "chat",
@@ -353,13 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
         description='Type a message per line; @path (or @"path with spaces") attaches an image '
         "where it appears. /save FILE writes the conversation as HTML, /reset forgets it, /quit ends.",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument(
+        "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
+    )
     p.add_argument("--index", default=None, help="index directory (without one, answers are text only)")
     p.add_argument("--save", default="", help="write the transcript as HTML here at the end")
     add_setting_flags(p, ChatConfig, [f.name for f in dataclasses.fields(ChatConfig)])
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("serve", help="HTTP API (OpenAI-style chat completions, retrieve, caption)")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
+    )
     p.add_argument("--index", default=None, help="index directory built by `fromage index`")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -370,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
         aliases={"max_images_per_request": "--max-images", "allowed_image_hosts": "--allow-image-host"},
     )
     p = sub.add_parser("demo-web", help="web chat (Gradio) on the shipped model and emoji index")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
+    )
     p.add_argument("--index", default=None, help="index directory (default: the Google emoji index)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
@@ -381,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
         "File layouts for vist and visdial-*: docs/evaluation.md.",
     )
     p.add_argument("task", choices=["offline", "vist", "visdial-retrieval", "visdial-answers", "collection"])
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
+    )
     p.add_argument("--data", default=None, help="the benchmark's annotation file (JSON, TSV or JSONL)")
     p.add_argument("--images", default=None, help="directory of the benchmark's images")
     p.add_argument("--dense", default=None, help="VisDial dense annotations (NDCG) for visdial-answers")
@@ -395,11 +452,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-captions", action="store_true", help="collection: skip greedy captioning")
     p.add_argument("--out", default=None, help="output directory (default: runs/eval-TASK)")
     p = sub.add_parser("demo", help="the shipped model in a scripted conversation (prints it, writes HTML)")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped model)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
+    )
     p.add_argument("--index", default=None, help="emoji index directory (default: under FROMAGE_HOME)")
     p.add_argument("--save", default="demo_transcript.html", help="where to write the HTML transcript")
     p.add_argument("--check", action="store_true", help="exit 1 unless every request found its emoji")
     return parser
+
+
+def _model(args: argparse.Namespace) -> str:
+    """The checkpoint a command uses: `--model DIR`, or the shipped model (no `--model`, or
+    `--model default`), which works from any directory."""
+    from .checkpoint import SHIPPED
+
+    return str(SHIPPED) if args.model in (None, "default") else args.model
 
 
 def _positive(text: str) -> int:

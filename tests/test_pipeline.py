@@ -202,3 +202,38 @@ def test_complete_says_why_the_answer_ended(bot):
         stop = text.strip()[0]
         stopped, ending = fromage.complete(["a red"], max_new_tokens=3, max_rets=0, stop=(stop,))
         assert ending.reason == "stop" and stop not in "".join(p for p in stopped if isinstance(p, str))
+
+
+def test_cli_retrieve_and_caption_batch_many_inputs_and_print_json(bot, capsys):
+    """Issue #16: one model load for many queries or images, and `--json` output; the JSON
+    agrees with the Python API."""
+    import json
+
+    from fromage.cli import main
+
+    fromage, photos = bot
+    checkpoint = Path(fromage.index.metadata[0]["path"]).parent.parent / "run" / "checkpoint"
+    index_dir = photos.parent / "idx"
+    args = ["--model", str(checkpoint), "--index", str(index_dir), "-k", "2", "--json"]
+    assert main(["retrieve", "a red circle", "a blue square", *args]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["query"] for r in results] == ["a red circle", "a blue square"]
+    expected = fromage.retrieve_batch([["a red circle"], ["a blue square"]], k=2)
+    for result, hits in zip(results, expected, strict=True):
+        assert [i["path"] for i in result["images"]] == [h.path for h in hits]
+    images = [str(p) for p in sorted(photos.glob("*.png"))[:3]]
+    assert main(["caption", *images, "--model", str(checkpoint), "--json"]) == 0
+    captions = json.loads(capsys.readouterr().out)
+    assert [c["image"] for c in captions] == images
+    assert [c["caption"] for c in captions] == [fromage.caption(Path(p)) for p in images]
+
+
+def test_every_command_defaults_to_the_shipped_model():
+    from fromage.checkpoint import SHIPPED
+    from fromage.cli import _model, build_parser
+
+    parser = build_parser()
+    for argv in (["index", "emoji-google", "--out", "x"], ["retrieve", "a"], ["caption", "a.png"], ["chat"]):
+        assert _model(parser.parse_args(argv)) == str(SHIPPED), argv
+    assert _model(parser.parse_args(["caption", "a.png", "--model", "default"])) == str(SHIPPED)
+    assert _model(parser.parse_args(["features", "emoji-google", "--checkpoint", "ck"])) == "ck"
