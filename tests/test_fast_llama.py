@@ -29,17 +29,30 @@ def test_fast_llama_step_equals_the_hugging_face_path(tied, ret_layer, special):
     ]
 
 
-def test_fast_llama_step_in_bfloat16_stays_close(special):
+def test_fast_llama_step_in_bfloat16_matches_rounded_weights_for_whole_answers(special):
+    """The default decoding path (bf16-stored linear weights, the lean step) against its naive
+    twin: the Hugging Face float32 path on the same weights rounded to bf16, token for token over
+    whole answers, `[RET]` states included. (Before issue #18 only token 0 was compared, and it
+    comes from the prefill, before the lean step runs.)"""
+    import copy
+
     model = build_model(tiny_llama(tied=True, layers=3), ret_layer=2).eval()
-    config = GenerationConfig(max_new_tokens=6, max_rets=0)
-    reference = _run(model, special, config, use_cache=True)
+    rounded = copy.deepcopy(model)
+    for module in rounded.lm.model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.bfloat16().float()
+    config = GenerationConfig(max_new_tokens=16, ret_scale_factor=1e4, min_word_tokens=3, max_rets=2)
+    reference = _run(rounded, special, config, use_cache=True)
     model.lm.store_weights_bf16()
     assert model.lm.enable_fast_decode(model.config.ret_layer, torch.bfloat16)
-    stepper = model.lm.stepper
-    assert stepper.qkv[0].dtype == torch.bfloat16
+    assert model.lm.stepper.qkv[0].dtype == torch.bfloat16
     fast = _run(model, special, config, use_cache=True)
-    assert len(fast) == len(reference)
-    assert fast[0].token_id == reference[0].token_id  # the first step after the same prefill
+    assert [s.token_id for s in fast] == [s.token_id for s in reference]
+    assert sum(s.ret_hidden is not None for s in fast) == 2
+    for a, b in zip(fast, reference, strict=True):
+        if b.ret_hidden is not None:
+            # bf16 activations in the lean step's products: close, not equal.
+            torch.testing.assert_close(a.ret_hidden, b.ret_hidden, atol=5e-2, rtol=5e-2)
 
 
 def test_other_architectures_keep_the_hugging_face_path(special):
