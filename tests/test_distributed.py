@@ -137,6 +137,9 @@ def test_sharded_frozen_lm_matches_one_process(tiny_world, tmp_path):  # noqa: F
     train(_config(tiny_world, one, refine_steps=5))
     two = tmp_path / "two"
     launch(train, (_config(tiny_world, two, refine_steps=5, num_processes=2, shard_lm=True),), 2)
+    # The LM really was sharded (a no-op `--shard-lm` would pass the equalities below).
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["sharded_lm_blocks"] == len(_tiny_lm_layers(tiny_world))
     for a, b in zip(_steps(one), _steps(two), strict=True):
         for key in ("loss", "caption_loss", "ret_lm_loss", "contrastive_loss"):
             assert abs(a[key] - b[key]) < 1e-4, (a["step"], key, a[key], b[key])
@@ -147,3 +150,8 @@ def test_sharded_frozen_lm_matches_one_process(tiny_world, tmp_path):  # noqa: F
 def test_sharding_needs_mid_run_validation_off(tiny_world, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="shard_lm needs eval_every 0"):
         _config(tiny_world, tmp_path, shard_lm=True, eval_every=2).__post_init__()
+
+
+def _tiny_lm_layers(world: Path) -> list[int]:
+    config = json.loads((world / "llama" / "config.json").read_text())
+    return list(range(config["num_hidden_layers"]))

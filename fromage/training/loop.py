@@ -91,10 +91,9 @@ def train(config: TrainConfig) -> TrainResult:
     texts = tokenize_families(tokenizer, split, val_splits, config)
 
     model = FromageModel(config.model, lm, encoder).to(device)
-    if config.shard_lm and procs.distributed:
-        log.info(
-            "frozen LM: %d decoder blocks sharded over %d processes", lm.shard_layers(), procs.world_size
-        )
+    sharded_blocks = lm.shard_layers() if config.shard_lm and procs.distributed else 0
+    if sharded_blocks:
+        log.info("frozen LM: %d decoder blocks sharded over %d processes", sharded_blocks, procs.world_size)
     model.set_feature_stats(split.features[0])
     prefixes = build_prefixes(model, texts.distinct, special, config)
     data = StepData(split, prefixes, texts.text_of_example, texts.group_ids, special, _token_cache(tokenizer))
@@ -175,6 +174,7 @@ def train(config: TrainConfig) -> TrainResult:
         "wall_minutes": (time.time() - start_time) / 60,
         "bad_inputs": bad.total,
         "nonfinite_steps_skipped": skipped,
+        "sharded_lm_blocks": sharded_blocks,
     }
     metrics.log(run.step, summary)
     metrics.close()
