@@ -225,3 +225,21 @@ def test_a_phone_photo_is_loaded_upright(tmp_path):
     plain = tmp_path / "plain.png"
     wide.save(plain)
     assert load_image(plain).size == (40, 20)  # no tag: unchanged
+
+
+def test_a_symlink_loop_in_a_folder_is_counted_not_walked_forever(tmp_path):
+    """Issue #18 item 9: symlink loops were skipped without being counted."""
+    from PIL import Image
+
+    from fromage.data.readers import BadInputLog
+    from fromage.data.sources import read_source
+
+    root = tmp_path / "photos"
+    (root / "inner").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "a.png")
+    Image.new("RGB", (8, 8)).save(root / "inner" / "b.png")
+    (root / "inner" / "loop").symlink_to(root, target_is_directory=True)
+    bad = BadInputLog()
+    images = read_source(str(root), None, bad)
+    assert sorted(Path(e.image).name for e in images) == ["a.png", "b.png"]
+    assert bad.counts["symlink loop"] == 1 and "loop" in bad.messages[0]

@@ -13,6 +13,7 @@ renderings) and `easyvqa` (the training images, validated on the test images).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .builtin import easyvqa_examples, emoji_examples
@@ -51,14 +52,34 @@ def family_sets(
     raise ValueError(f"unknown training family {family!r}; known: {', '.join(TRAINING_FAMILIES)}")
 
 
+def _folder_images(root: Path, bad: BadInputLog) -> list[Path]:
+    """Image files under `root`, following links to folders once each: a link back to a folder
+    already walked (a loop) is counted as bad input and skipped, not walked forever or dropped
+    unsaid."""
+    seen: set[tuple[int, int]] = set()
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            bad.add("symlink loop", f"{folder}: a link back to a folder already read; skipped")
+            dirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        dirs.sort()
+        for name in sorted(files):
+            file = Path(folder) / name
+            if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
+                found.append(file)
+    return found
+
+
 def read_source(source: str, image_dir: str | None, bad: BadInputLog) -> list[Example]:
     """Every image a source names, with its caption when the source has one."""
     if source in BUILTIN_SETS:
         return builtin_set(source)
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        return [Example(str(p), "", "folder") for p in files]
+        return [Example(str(p), "", "folder") for p in _folder_images(path, bad)]
     if is_shard_source(source):  # webdataset shards: `data/{00000..00099}.tar`, `data/*.tar`
         return read_shards(source, bad)
     if path.is_file():
