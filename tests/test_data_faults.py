@@ -243,3 +243,32 @@ def test_a_symlink_loop_in_a_folder_is_counted_not_walked_forever(tmp_path):
     images = read_source(str(root), None, bad)
     assert sorted(Path(e.image).name for e in images) == ["a.png", "b.png"]
     assert bad.counts["symlink loop"] == 1 and "loop" in bad.messages[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ("caption\timage\n".encode("utf-16"), ":1: the file is UTF-16"),
+        (b"capti\xffon\timage\n", ":1: the file is not UTF-8"),
+        (b"caption\tcaption\timage\na\tb\tc.png\n", "header names 'caption' more than once"),
+    ],
+)
+def test_a_bad_tsv_header_is_reported_at_line_1_saying_why(tmp_path, content, words):
+    """Issue #18 item 9: a UTF-16 or non-UTF-8 header was reported at the wrong line, and a
+    duplicated header name marked every row malformed without saying why."""
+    from fromage.data.readers import BadInputLog, read_tsv
+
+    path = tmp_path / "pairs.tsv"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=words):
+        read_tsv(path, None, BadInputLog())
+
+
+def test_trailing_tabs_in_a_tsv_header_and_rows_are_ignored(tmp_path):
+    from fromage.data.readers import BadInputLog, read_tsv
+
+    path = tmp_path / "pairs.tsv"
+    path.write_text("caption\timage\t\na red apple\tapple.png\nbanana\tbanana.png\t\n")
+    bad = BadInputLog()
+    rows = read_tsv(path, None, bad)
+    assert [r.caption for r in rows] == ["a red apple", "banana"] and bad.total == 0

@@ -64,6 +64,10 @@ def _lines(path: Path, bad: BadInputLog):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
+                if number == 1:  # a header (or first row) that is not UTF-8: the whole file is not
+                    utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff"))
+                    kind = "UTF-16 (save it as UTF-8)" if utf16 else f"not UTF-8 ({exc.reason})"
+                    raise ValueError(f"{path}:1: the file is {kind}") from None
                 bad.add("not utf-8", f"{path}:{number}: line is not UTF-8 ({exc.reason})")
                 continue
             if number == 1:
@@ -79,14 +83,21 @@ def read_tsv(path: str | Path, image_dir: str | Path | None, bad: BadInputLog) -
     columns: dict[str, int] | None = None
     for number, line in _lines(path, bad):
         if columns is None:
-            header = line.split("\t")
+            header = [name.strip() for name in line.split("\t")]
+            while header and not header[-1]:  # a trailing tab names no column
+                header.pop()
             if "caption" not in header or "image" not in header:
                 raise ValueError(f"{path}:1: header must name `caption` and `image` columns, got {header}")
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:
+                raise ValueError(f"{path}:1: header names {', '.join(map(repr, repeated))} more than once")
             columns = {name: i for i, name in enumerate(header)}
             continue
         if not line.strip():
             continue
         cells = line.split("\t")
+        while len(cells) > len(columns) and not cells[-1].strip():  # trailing tabs
+            cells.pop()
         if len(cells) != len(columns):
             bad.add(
                 "malformed row",
