@@ -356,3 +356,35 @@ def test_a_relative_index_serves_the_indexed_file_and_refuses_a_changed_one(bot,
     Image.new("RGB", (16, 16), (0, 255, 0)).save(here / "photos" / "c1.png")  # replaced since
     changed = served.get("/v1/images/0")
     assert changed.status_code == 404 and "changed since it was indexed" in changed.json()["error"]["message"]
+
+
+def test_images_are_decoded_one_request_at_a_time(bot, monkeypatch):  # noqa: F811
+    """Issue #18 item 2: image checks ran outside the model's concurrency limit, so concurrent
+    requests added up their decoded images in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fromage.apps.serve.app as app_module
+
+    fromage, _ = bot
+    real = app_module.decode_data_url
+    active, peak = [0], [0]
+
+    def counting(url, max_pixels):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        try:
+            return real(url, max_pixels)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(app_module, "decode_data_url", counting)
+    client = TestClient(create_app(fromage, ServeConfig(batch_wait_ms=1)))
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(
+            pool.map(
+                lambda _: client.post("/v1/caption", json={"image": data_url(RED), "max_tokens": 2}), range(4)
+            )
+        )
+    assert [r.status_code for r in replies] == [200] * 4
+    assert peak[0] == 1

@@ -92,8 +92,11 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
 
     def decode_image(url: str) -> Image.Image:
         if url.startswith(("http://", "https://")):
-            url = fetch_allowed(url, config)
-        return decode_data_url(url, config.max_image_pixels)
+            url = fetch_allowed(url, config)  # waits on another server: never under the lock
+        # Decoding is bounded like the model's work: one request's pixels at a time, so many
+        # concurrent images cannot add up their decoded sizes in memory.
+        with lock:
+            return decode_data_url(url, config.max_image_pixels)
 
     def prompt_of(messages: list[Message]) -> list[PromptItem]:
         items: list[PromptItem] = []
