@@ -186,3 +186,44 @@ def test_preprocessing_resamples_only_the_centre_crop(monkeypatch):
     monkeypatch.setattr(Image.Image, "resize", recording)
     encoder.preprocess([Image.new("RGB", (10_000, 1), (255, 0, 0))])
     assert sizes and max(w * h for w, h in sizes) <= 32 * 32
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "dinov2"])
+def test_hf_encoders_get_exactly_their_processors_pixels(family):
+    """Issue #16: only mean/std/size were read from the processor, so SigLIP (which squashes to
+    a square) and DINOv2 (resize 256, crop 224) got other pixels than they were trained on."""
+    import numpy as np
+    from PIL import Image
+    from transformers import (
+        BitImageProcessor,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    from fromage.backbones import build_hf_vision
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    if family == "clip":
+        model = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, **small))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    elif family == "siglip":
+        model = SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, **small))
+        processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    else:
+        model = Dinov2Model(Dinov2Config(image_size=32, patch_size=8, **small))
+        processor = BitImageProcessor(
+            size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, do_center_crop=True
+        )
+    encoder = build_hf_vision(model, f"tiny-{family}", 0, processor=processor)
+    assert encoder.image_size == 32 and encoder.encoder_id.endswith(":processor")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((50, 30), (30, 70))]
+    expected = processor(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(encoder.preprocess(images), expected.float())
+    assert encoder.encode(images).shape == (2, 32)

@@ -165,21 +165,46 @@ def _load_hf_vision(name: str, image_size: int) -> HFVisionEncoder:
     return build_hf_vision(model, name, image_size)
 
 
-def build_hf_vision(model: torch.nn.Module, name: str, image_size: int = 0) -> HFVisionEncoder:
-    """Wrap an already-built HF vision tower; size/mean/std from its processor or config."""
+def build_hf_vision(
+    model: torch.nn.Module, name: str, image_size: int = 0, processor: Any = None
+) -> HFVisionEncoder:
+    """Wrap an already-built HF vision tower. Its image processor (given, or saved with the
+    model) makes the pixels when its output size is `image_size` (or `image_size` is 0);
+    otherwise, or without one, the shorter side is resized and cropped to `image_size`."""
     vision_config = getattr(model.config, "vision_config", model.config)
-    mean, std = _CLIP_MEAN, _CLIP_STD
     size = image_size or int(getattr(vision_config, "image_size", 224))
-    try:
-        from transformers import AutoImageProcessor
+    if processor is None:
+        try:
+            from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(name)
-        mean = tuple(processor.image_mean)
-        std = tuple(processor.image_std)
-        if not image_size:
-            crop = getattr(processor, "crop_size", None) or getattr(processor, "size", None)
-            if isinstance(crop, dict):
-                size = int(crop.get("height") or crop.get("shortest_edge") or size)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no processor saved: keep the config's size and CLIP normalisation
-    return HFVisionEncoder(model, name, size, mean, std)
+            processor = AutoImageProcessor.from_pretrained(name)
+        except (OSError, ValueError, KeyError, TypeError):
+            processor = None  # no processor saved: the config's size and CLIP normalisation
+    if processor is None:
+        return HFVisionEncoder(model, name, size, _CLIP_MEAN, _CLIP_STD)
+    mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    made = _processor_size(processor)
+    if image_size and made and made != image_size:
+        log.warning(
+            "%s: its processor makes %d px images, the config asks %d: resizing by hand",
+            name,
+            made,
+            image_size,
+        )
+        return HFVisionEncoder(model, name, image_size, mean, std)
+    return HFVisionEncoder(model, name, made or size, mean, std, processor)
+
+
+def _processor_size(processor: Any) -> int:
+    """The side of the square pixels an image processor makes (its crop when it crops, else
+    its resize), or 0 when it does not say."""
+    keys = ("crop_size", "size") if getattr(processor, "do_center_crop", False) else ("size",)
+    for key in keys:
+        value = getattr(processor, key, None)
+        if isinstance(value, dict):
+            side = value.get("height") or value.get("shortest_edge")
+            if side:
+                return int(side)
+        elif isinstance(value, int):
+            return value
+    return 0

@@ -164,7 +164,12 @@ class _Features(nn.Module):
 
 
 class HFVisionEncoder(FrozenImageEncoder):
-    """A Hugging Face vision tower; feature = its `pooler_output` (B, F)."""
+    """A Hugging Face vision tower; feature = its `pooler_output` (B, F).
+
+    With the model's own image processor (`AutoImageProcessor`), images get exactly the pixels
+    the tower was trained on: CLIP resizes the shorter side and crops, SigLIP squashes to a
+    square, DINOv2 resizes to 256 and crops 224. Without one, the shorter side is resized and
+    the centre cropped, with the config's size and CLIP's normalisation."""
 
     def __init__(
         self,
@@ -173,13 +178,21 @@ class HFVisionEncoder(FrozenImageEncoder):
         image_size: int,
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        processor: Any = None,
     ):
         super().__init__(image_size, mean, std)
         self.model = model
+        self.processor = processor
         config = model.config
         self.feature_dim = int(config.hidden_size)
-        self.encoder_id = f"hf:{name}@{image_size}"
+        # Cached features are keyed by this: pixels made by the processor are another input.
+        self.encoder_id = f"hf:{name}@{image_size}" + (":processor" if processor is not None else "")
         self.freeze()
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        if self.processor is None:
+            return super().preprocess(images)
+        return self.processor(images=images, return_tensors="pt")["pixel_values"].float()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixels)
