@@ -25,7 +25,11 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
 FILES = (CONFIG_NAME, WEIGHTS_NAME)
+FORMAT_VERSION = 1
+"""Written in config.json's `_fromage` section; a checkpoint of a newer format is refused.
+Checkpoints written before the field existed are version 1."""
 
 SHIPPED = Path(__file__).parent / "weights" / "default"
 """The shipped default model (fromage/weights/default/README.md says how it was trained)."""
@@ -57,7 +61,13 @@ def _config_json(directory: str | Path) -> dict[str, Any]:
 
 def load_config(directory: str | Path) -> ModelConfig:
     data = _config_json(directory)
-    data.pop("_fromage", None)
+    record = data.pop("_fromage", None) or {}
+    version = record.get("format_version", 1) if isinstance(record, dict) else 1
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{Path(directory) / CONFIG_NAME} is checkpoint format {version!r}; this fromage reads "
+            f"formats up to {FORMAT_VERSION}: upgrade fromage"
+        )
     try:
         return from_dict(ModelConfig, data)
     except (TypeError, ValueError, KeyError, AttributeError) as error:
@@ -96,10 +106,95 @@ def save_model(model: Trained, directory: str | Path, extra: dict[str, Any] | No
     atomic_write(
         directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "fromage"})
     )
-    payload = to_dict(model.config)
-    if extra:
-        payload = {**payload, "_fromage": extra}
+    record = {"format_version": FORMAT_VERSION, **(extra or {})}
+    payload = {**to_dict(model.config), "_fromage": record}
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(payload, indent=2) + "\n").encode())
+    atomic_write_bytes(directory / CARD_NAME, model_card(model.config, record).encode())
+
+
+def model_card(config: ModelConfig, record: dict[str, Any]) -> str:
+    """The Hub model card: YAML metadata (license, library, both backbones as base models,
+    tags) and what the checkpoint is, with its training step and recipe when it has them."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        license="apache-2.0",
+        library_name="fromage",
+        base_model=[config.lm.name, config.encoder.name],
+        tags=["fromage", "image-text-retrieval", "image-to-text", "multimodal"],
+        pipeline_tag="image-text-to-text",
+    )
+    train = record.get("train_config") or {}
+    lines = [
+        "# fromage checkpoint",
+        "",
+        "FROMAGe (Koh, Salakhutdinov and Fried, ICML 2023): a frozen causal LM and a frozen image",
+        "encoder joined by three trained linear maps and one new token, `[RET]`. This directory holds",
+        "only the trained tensors (`model.safetensors`) and the config; the frozen backbones load",
+        "from their own sources.",
+        "",
+        f"- LM: `{config.lm.name}`; image encoder: `{config.encoder.name}` ({config.encoder.image_size} px)",
+        f"- visual tokens per image: {config.num_visual_tokens}; retrieval space: {config.retrieval_dim}",
+    ]
+    if "step" in record:
+        lines.append(f"- trained for {record['step']} steps")
+    if train:
+        data_config = train.get("data", {})
+        lines.append(f"- data: {', '.join(map(str, data_config.get('sources', [])))}")
+    lines += [
+        "",
+        "```python",
+        "from fromage import Fromage",
+        'bot = Fromage.from_pretrained("THIS_DIRECTORY_OR_HUB_ID", index="my-index")',
+        "```",
+    ]
+    return ModelCard.from_template(
+        data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n"
+    ).content
+
+
+def resolve(
+    name: str | Path,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> Path:
+    """A checkpoint directory for `name`: a local directory as it is, else a Hub repository id
+    (`user/model`), fetched at `revision` (branch, tag or commit) into the Hub cache (only the
+    config, the trained tensors and the card)."""
+    if Path(name).is_dir():
+        if revision is not None:
+            raise ValueError(f"{name} is a local directory: a revision ({revision}) names a Hub version")
+        return Path(name)
+    if Path(name).exists() or str(name).startswith((".", "/")) or str(name).count("/") != 1:
+        raise FileNotFoundError(f"{name}: no such checkpoint directory (nor a Hub id `user/model`)")
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            repo_id=str(name),
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            allow_patterns=[*FILES, CARD_NAME],
+        )
+    )
+
+
+def push_to_hub(model: Trained, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload the checkpoint (trained tensors, config, card) to a Hub repository; → its URL."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, tmp)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message="fromage checkpoint")
+    return str(getattr(info, "commit_url", info))
 
 
 def load_trained_tensors(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -465,13 +465,19 @@ class FromageModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        directory: str | Path,
+        name: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         load_encoder: bool = True,
         lm_quantization: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
     ) -> FromageModel:
-        """The model a checkpoint directory holds, its frozen backbones loaded from their source."""
+        """The model a checkpoint holds: a local directory, or a Hub repository id (`user/model`,
+        at `revision`), its frozen backbones loaded from their source."""
+        directory = checkpoint.resolve(name, revision, cache_dir, local_files_only, token)
         return checkpoint.load_model(
             cls,
             directory,
@@ -480,6 +486,10 @@ class FromageModel(nn.Module):
             load_encoder=load_encoder,
             lm_quantization=lm_quantization,
         )
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload the trained tensors, the config and a model card to a Hub repository."""
+        return checkpoint.push_to_hub(self, repo_id, private=private, token=token)
 
 
 def _check_dim(config: ModelConfig, name: str, actual: int) -> None:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from .backbones import load_tokenizer
-from .checkpoint import checkpoint_digest
+from .checkpoint import checkpoint_digest, resolve
 from .data.digest import file_digest
 from .data.images import load_image
 from .embed import layout_prompt, ret_hidden_batch
@@ -92,6 +92,7 @@ class Fromage:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         lm_weights: str = "bfloat16",
+        revision: str | None = None,
     ) -> Fromage:
         """`dtype` converts the whole frozen LM; `lm_weights="bfloat16"` instead stores only its
         linear weights in bf16 with float32 activations and, for Llama-family LMs, decodes with
@@ -99,6 +100,7 @@ class Fromage:
         `lm_weights="float32"` keeps the exact float32 model)."""
         if lm_weights not in ("float32", "bfloat16"):
             raise ValueError(f"lm_weights must be 'float32' or 'bfloat16', got {lm_weights!r}")
+        checkpoint = resolve(checkpoint, revision)  # a local directory, or a Hub id fetched once
         model = FromageModel.from_pretrained(checkpoint, device=device, dtype=dtype)
         if lm_weights == "bfloat16":
             model.lm.store_weights_bf16()

@@ -223,7 +223,9 @@ def test_hf_encoders_get_exactly_their_processors_pixels(family):
     encoder = build_hf_vision(model, f"tiny-{family}", 0, processor=processor)
     assert encoder.image_size == 32 and encoder.encoder_id.endswith(":processor")
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((50, 30), (30, 70))]
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((50, 30), (30, 70))
+    ]
     expected = processor(images=images, return_tensors="pt")["pixel_values"]
     assert torch.equal(encoder.preprocess(images), expected.float())
     assert encoder.encode(images).shape == (2, 32)

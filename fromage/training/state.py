@@ -108,7 +108,7 @@ def remove_stale_temporaries(out_dir: Path) -> None:
     for folder in (out_dir / "checkpoint", out_dir / "train_state"):
         for stale in folder.glob(".*"):
             if stale.is_file() and stale.name.startswith(
-                (".model.safetensors.", ".config.json.", ".state.pt.")
+                (".model.safetensors.", ".config.json.", ".README.md.", ".state.pt.")
             ):
                 log.info("removing %s, left by an interrupted write", stale)
                 stale.unlink()
