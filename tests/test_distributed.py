@@ -65,7 +65,11 @@ def test_two_processes_match_one_process_and_resume_with_another_count(tiny_worl
         # over processes) in the tensors; the gradient norm before clipping shows it.
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a, b)
     # One checkpoint, written by the main process, equal to the single-process one.
-    assert sorted(p.name for p in (two / "checkpoint").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in (two / "checkpoint").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
     for name, tensor in _tensors(one).items():
         torch.testing.assert_close(_tensors(two)[name], tensor, atol=1e-4, rtol=1e-4)
 
