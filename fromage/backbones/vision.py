@@ -27,6 +27,8 @@ class FrozenImageEncoder(nn.Module):
 
     feature_dim: int
     encoder_id: str
+    revision: str = ""
+    """Which weights loaded, when known (backbones.load_encoder)."""
 
     def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()

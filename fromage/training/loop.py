@@ -86,6 +86,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     lm, tokenizer = load_lm(config.model.lm, device=device)
     encoder = load_encoder(config.model.encoder, device=device)
+    # The checkpoint names the weights the maps were trained on; loading refuses others.
+    config.model.lm.revision = config.model.lm.revision or lm.revision
+    config.model.encoder.revision = config.model.encoder.revision or encoder.revision
     special = SpecialTokens.from_tokenizer(tokenizer)
     split, val_splits, bad = _features(config, encoder, procs)
     texts = tokenize_families(tokenizer, split, val_splits, config)
