@@ -28,7 +28,7 @@ import time
 import httpx
 import uvicorn
 
-from fromage.apps.serve import ServeConfig, create_app
+from fromage.apps.serve import ServeConfig, server_config
 from fromage.checkpoint import SHIPPED
 from fromage.data.builtin import emoji_concepts
 from fromage.pipeline import Fromage
@@ -109,8 +109,10 @@ class RssSampler(threading.Thread):
 
 def serve_and_load(bot: Fromage, batch: int, clients: int, seconds: float, names: list[str]) -> dict:
     port = free_port()
-    app = create_app(bot, ServeConfig(batch_size=batch))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    # The server `fromage serve` runs (connection limits and the guarded protocol included).
+    config = server_config(bot, ServeConfig(batch_size=batch), port=port, log_level="warning")
+    app = config.app
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -84,25 +84,13 @@ def test_an_abandoned_stream_frees_the_model_within_a_second(server):
 
 
 def _guarded_server(bot_model, **config):
-    """A real server with the production protocol options (`serve`'s), in a thread."""
-    from fromage.apps.serve.connections import guarded_protocol
+    """A real server as `fromage serve` runs it (server_config), in a thread."""
+    from fromage.apps.serve import server_config
 
-    settings = ServeConfig(**config)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(bot_model, settings)
-    protocol = guarded_protocol(settings.head_timeout_s, settings.max_connections_per_client)
-    instance = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            limit_concurrency=settings.max_connections,
-            http=protocol,
-        )
-    )
+    instance = uvicorn.Server(server_config(bot_model, ServeConfig(**config), port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
     for _ in range(600):

@@ -18,6 +18,6 @@ body guard), images.py (image URLs), batching.py (micro-batches of retrieve/capt
 """
 
 from ...config import ServeConfig
-from .app import create_app, serve
+from .app import create_app, serve, server_config
 
-__all__ = ["ServeConfig", "create_app", "serve"]
+__all__ = ["ServeConfig", "create_app", "serve", "server_config"]

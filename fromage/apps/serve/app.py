@@ -302,6 +302,23 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def server_config(
+    bot: Fromage, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+) -> Any:
+    """The uvicorn configuration `serve` runs: the app, the connection limits and the guarded
+    protocol (connections.py). Tests and benchmarks start the same server with it."""
+    import uvicorn
+
+    return uvicorn.Config(
+        create_app(bot, config),
+        host=host,
+        port=port,
+        log_level=log_level,
+        limit_concurrency=config.max_connections,
+        http=guarded_protocol(config.head_timeout_s, config.max_connections_per_client),
+    )
+
+
 def serve(
     checkpoint: str | Path,
     index: str | Path | None,
@@ -312,12 +329,4 @@ def serve(
     import uvicorn
 
     bot = Fromage.from_pretrained(checkpoint, index=index)
-    config = config or ServeConfig()
-    uvicorn.run(
-        create_app(bot, config),
-        host=host,
-        port=port,
-        log_level="info",
-        limit_concurrency=config.max_connections,
-        http=guarded_protocol(config.head_timeout_s, config.max_connections_per_client),
-    )
+    uvicorn.Server(server_config(bot, config or ServeConfig(), host, port)).run()
