@@ -77,13 +77,70 @@ def train(config: TrainConfig) -> TrainResult:
     # draws; only the forward/backward work is split (step.py). The main process alone writes
     # files, validates and refines.
     procs = init_processes(config.device)
-    device = procs.device
     if not procs.is_main:
         logging.getLogger("fromage").setLevel(logging.WARNING)
-    bf16 = use_bf16(config, device)
+    bf16 = use_bf16(config, procs.device)
     if bf16:
         config.model.lm.dtype = "bfloat16"
 
+    run = _prepare(config, procs, out_dir)
+    metrics = MetricsLog(out_dir) if procs.is_main else None
+    samples_per_s, skipped = _loop(
+        run.model,
+        run.data,
+        run.texts,
+        run.sampler,
+        run.state,
+        config,
+        procs,
+        bf16,
+        start_time,
+        metrics,
+        lambda final, states: _validate(run, config, final, states),
+    )
+    # The resumable state is the joint loop's; refinement below only rewrites the checkpoint.
+    if procs.is_main:
+        run.state.save(out_dir, run.model, config)
+    procs.barrier()
+    sharded = config.shard_lm and procs.distributed
+    procs.close()  # what follows runs in the main process alone
+    if metrics is None:
+        return TrainResult(
+            run.state.step,
+            out_dir / "checkpoint",
+            {},
+            run.n_trainable,
+            peak_rss_mb(),
+            samples_per_s,
+            run.bad.summary(),
+            False,
+        )
+    if sharded:
+        run.model = _unsharded(run.model, config, procs.device)
+    return _finish(run, config, metrics, samples_per_s, skipped, start_time)
+
+
+@dataclass
+class _Run:
+    """What a run sets up before its first step."""
+
+    model: FromageModel
+    tokenizer: Any
+    special: SpecialTokens
+    val_splits: dict[str, Split]
+    bad: BadInputLog
+    texts: TrainTexts
+    data: StepData
+    sampler: TaskSampler | None
+    state: RunState
+    n_trainable: int
+    sharded_blocks: int
+
+
+def _prepare(config: TrainConfig, procs: Processes, out_dir: Path) -> _Run:
+    """Backbones, cached features, tokenised texts, the model, the frozen prefixes, the task
+    sampler, the optimiser, and the saved state when the run resumes."""
+    device = procs.device
     lm, tokenizer = load_lm(config.model.lm, device=device)
     encoder = load_encoder(config.model.encoder, device=device)
     # The checkpoint names the weights the maps were trained on; loading refuses others.
@@ -107,7 +164,7 @@ def train(config: TrainConfig) -> TrainResult:
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
     )
-    run = RunState(
+    state = RunState(
         optimizer,
         EpochSampler(len(split), config.seed),
         EpochSampler(len(split), config.seed + 1),
@@ -116,75 +173,68 @@ def train(config: TrainConfig) -> TrainResult:
     if procs.is_main:
         remove_stale_temporaries(out_dir)
     procs.barrier()
-    if config.resume and run.load(out_dir, model):
-        log.info("resumed from step %d", run.step)
+    if config.resume and state.load(out_dir, model):
+        log.info("resumed from step %d", state.step)
     if procs.is_main:
         save_json(config, out_dir / "train_config.json")
     log.info(
         "trainable parameters: %d (%.2f M); %d process(es)", n_trainable, n_trainable / 1e6, procs.world_size
     )
-
-    metrics = MetricsLog(out_dir) if procs.is_main else None
-
-    def validate_now(final: bool, states: dict) -> dict[str, float]:
-        return validate_all(
-            model,
-            val_splits,
-            texts.val_captions,
-            special,
-            tokenizer,
-            config.data.heldout_concept_fraction,
-            captions=final,
-            states=states,
-            val_requests=texts.val_requests if final else None,
-        )
-
-    samples_per_s, skipped = _loop(
-        model, data, texts, sampler, run, config, procs, bf16, start_time, metrics, validate_now
+    return _Run(
+        model, tokenizer, special, val_splits, bad, texts, data, sampler, state, n_trainable, sharded_blocks
     )
-    # The resumable state is the joint loop's; refinement below only rewrites the checkpoint.
-    if procs.is_main:
-        run.save(out_dir, model, config)
-    procs.barrier()
-    sharded = config.shard_lm and procs.distributed
-    procs.close()  # what follows runs in the main process alone
-    if metrics is None:
-        return TrainResult(
-            run.step,
-            out_dir / "checkpoint",
-            {},
-            n_trainable,
-            peak_rss_mb(),
-            samples_per_s,
-            bad.summary(),
-            False,
-        )
-    if sharded:
-        model = _unsharded(model, config, device)
 
-    staged_stop = bool(config.stop_at_step) and run.step >= config.stop_at_step < config.max_steps
-    refined, states = refine_after_loop(model, data, texts, tokenizer, config, run_refinement=not staged_stop)
+
+def _validate(run: _Run, config: TrainConfig, final: bool, states: dict) -> dict[str, float]:
+    return validate_all(
+        run.model,
+        run.val_splits,
+        run.texts.val_captions,
+        run.special,
+        run.tokenizer,
+        config.data.heldout_concept_fraction,
+        captions=final,
+        states=states,
+        val_requests=run.texts.val_requests if final else None,
+    )
+
+
+def _finish(
+    run: _Run,
+    config: TrainConfig,
+    metrics: MetricsLog,
+    samples_per_s: float,
+    skipped: int,
+    start_time: float,
+) -> TrainResult:
+    """Refinement (unless the run stopped early on purpose), the final validation, and the
+    summary (metrics.jsonl, summary.json)."""
+    out_dir, step = Path(config.output_dir), run.state.step
+    staged_stop = bool(config.stop_at_step) and step >= config.stop_at_step < config.max_steps
+    refined, states = refine_after_loop(
+        run.model, run.data, run.texts, run.tokenizer, config, run_refinement=not staged_stop
+    )
     if refined:
-        save_model(model, out_dir / "checkpoint", extra={"step": run.step, "train_config": to_dict(config)})
-    final = validate_now(True, states)
+        save_model(run.model, out_dir / "checkpoint", extra={"step": step, "train_config": to_dict(config)})
+    final = _validate(run, config, True, states)
     summary = {
         **final,
         **refined,
-        "step": run.step,
-        "trainable_parameters": n_trainable,
+        "step": step,
+        "trainable_parameters": run.n_trainable,
         "peak_rss_mb": peak_rss_mb(),
         "samples_per_s": samples_per_s,
         "wall_minutes": (time.time() - start_time) / 60,
-        "bad_inputs": bad.total,
+        "bad_inputs": run.bad.total,
         "nonfinite_steps_skipped": skipped,
-        "sharded_lm_blocks": sharded_blocks,
+        "sharded_lm_blocks": run.sharded_blocks,
     }
-    metrics.log(run.step, summary)
+    metrics.log(step, summary)
     metrics.close()
-    payload = {**summary, "bad_input_kinds": dict(bad.counts)}
+    payload = {**summary, "bad_input_kinds": dict(run.bad.counts)}
     atomic_write_bytes(out_dir / "summary.json", (json.dumps(payload, indent=2) + "\n").encode())
     return TrainResult(
-        run.step, out_dir / "checkpoint", final, n_trainable, peak_rss_mb(), samples_per_s, bad.summary()
+        step, out_dir / "checkpoint", final, run.n_trainable, peak_rss_mb(), samples_per_s, run.bad.summary()
     )
 
 
