@@ -154,3 +154,39 @@ def test_one_client_cannot_hold_more_than_its_share(bot):  # noqa: F811
     finally:
         instance.should_exit = True
         thread.join(timeout=30)
+
+
+def test_an_extreme_aspect_ratio_image_is_cheap_on_a_real_server(bot, monkeypatch):  # noqa: F811
+    """Issue #18 item 2, on a real server: a 109-byte 10000×1 PNG took the server from 1.8 to
+    3.7 GB (a 2.24M × 224 intermediate). Now no resampled image is larger than the encoder's
+    input, and the request is answered."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    fromage, _ = bot
+    sizes = []
+    real_resize = Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)  # the server runs in this process
+    buffer = io.BytesIO()
+    Image.new("RGB", (10_000, 1), (255, 0, 0)).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) < 200
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    instance, thread, port = _guarded_server(fromage, max_tokens_limit=8)
+    try:
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/caption", json={"image": url, "max_tokens": 2}, timeout=60
+        )
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=30)
+    assert reply.status_code == 200, reply.text
+    side = fromage.model.encoder.image_size
+    assert sizes and max(w * h for w, h in sizes) <= side * side
