@@ -244,7 +244,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .apps.demo import run_demo
 
     report = run_demo(_model(args), args.index, args.save)
-    return 0 if report.correct == report.requests or not args.check else 1
+    return 0 if report.passed == len(report.checks) or not args.check else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
     )
-    p.add_argument("--index", default=None, help="emoji index directory (default: under FROMAGE_HOME)")
+    p.add_argument("--index", default=None, help="index directory (default: under FROMAGE_HOME)")
     p.add_argument(
         "--out",
         "--save",
@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="demo_transcript.html",
         help="where to write the HTML transcript",
     )
-    p.add_argument("--check", action="store_true", help="exit 1 unless every request found its emoji")
+    p.add_argument("--check", action="store_true", help="exit 1 unless every check passes")
     return parser
 
 

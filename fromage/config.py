@@ -420,13 +420,13 @@ class ChatConfig(GenerationConfig):
 
     ret_scale_factor: float = 1e4
     """Multiplies the probability of `[RET]`: a chat answers requests with an image, and the small shipped LM gives `[RET]` a low probability even where an image belongs."""
-    memory: int = 0
-    """Earlier exchanges (user + answer) each prompt includes (0 for the shipped model: apps/chat.py says why)."""
+    memory: int = -1
+    """Earlier exchanges (user + answer) each prompt includes, newest first; -1: every one that fits the LM's context with the answer (the oldest are dropped first)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.memory < 0:
-            raise ValueError(f"memory must be >= 0, got {self.memory}")
+        if self.memory < -1:
+            raise ValueError(f"memory must be >= -1 (-1: as many as fit), got {self.memory}")
 
     def generation(self) -> dict[str, Any]:
         """The `GenerationConfig` settings of this chat."""

@@ -1,6 +1,7 @@
 """Decoding with the KV cache (DESIGN §4, §6).
 
 - `greedy_captions`: batched captioning of images; `[RET]` is never allowed.
+- `decode_batch`: many prompts decoded together, one forward per step (serving concurrent chats).
 - `decode`: one interleaved prompt → a stream of `Step`s (token ids; at each `[RET]`, the hidden
   state that feeds the text→retrieval map). Greedy or temperature + top-p; `[RET]` controls
   (`ret_scale_factor` scales its *probability*, so it works whatever the logit's sign;
@@ -13,12 +14,13 @@ No tokenising or retrieval here: the caller turns ids into text and `[RET]` stat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .config import GenerationConfig
+from .embed import padded_forward
 from .model import FromageModel
 from .tokens import IMAGE_TOKEN_ID, SpecialTokens
 
@@ -119,6 +121,85 @@ def decode(
             yield Step(int(token), ret_hidden[0].float())
         else:
             yield Step(int(token))
+
+
+@torch.no_grad()
+def decode_batch(
+    model: FromageModel,
+    prompts: Sequence[Sequence[int]],
+    image_features: Sequence[torch.Tensor | None],
+    special: SpecialTokens,
+    config: GenerationConfig | None = None,
+    generators: Sequence[torch.Generator | None] | None = None,
+    ended: set[int] | None = None,
+) -> Iterator[list[tuple[int, Step]]]:
+    """`decode` for many prompts at once: one forward per step over all running rows.
+
+    prompts[i] is row i's token ids (image slots included), image_features[i] its (n_i, F)
+    features or None, generators[i] its sampling generator. Rows are left-padded into one cache
+    and each reads its own positions (attention mask + position ids), so a row decodes exactly
+    as it would alone (tested token for token against `decode`). Each iteration yields the
+    `(row, Step)` of every row that produced a token: a row ends at EOS or after
+    `max_new_tokens`, and its `[RET]` budget (`max_rets`) is its own; the caller ends a row (a
+    stop string) by adding it to `ended` between steps. Ended rows stay in the batch, masked
+    out, until every row has ended."""
+    config = config or GenerationConfig()
+    if not prompts:
+        return
+    if len(image_features) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(image_features)} feature entries")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("a prompt is empty: give at least one token or image")
+    gens = list(generators) if generators is not None else [None] * len(prompts)
+    if len(gens) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(gens)} generators")
+    device = model.ret_embedding.device
+    out, mask = padded_forward(model, prompts, image_features, special.pad, use_cache=True)
+    cache, mask = out.cache, mask.to(device)  # mask: (B, T) grows a column per step
+    positions = mask.sum(1, keepdim=True)  # (B, 1) each row's next position
+    hidden = out.last_hidden[:, -1]  # (B, d)
+    rets = [0] * len(prompts)
+    running = [True] * len(prompts)
+    for produced in range(config.max_new_tokens):
+        logits = model.full_logits(hidden)  # (B, V+1)
+        tokens = torch.full((len(prompts),), special.pad, dtype=torch.long, device=device)
+        chosen: list[tuple[int, int]] = []
+        for row in range(len(prompts)):
+            if ended is not None and row in ended:
+                running[row] = False
+            if not running[row]:
+                continue
+            allow_ret = rets[row] < config.max_rets and produced >= config.min_word_tokens
+            # Row by row, as `decode` does for its one row: the same draw from the same generator.
+            logp = next_token_scores(model, logits[row : row + 1], config, allow_ret)
+            token = int(choose(logp, config, gens[row]))
+            if token == special.eos:
+                running[row] = False
+                continue
+            tokens[row] = token
+            chosen.append((row, token))
+        if not chosen:
+            return
+        alive = torch.tensor(running, dtype=mask.dtype, device=device)[:, None]
+        mask = torch.cat([mask, alive], 1)
+        step = model(
+            tokens[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            compute_logits=False,
+        )
+        cache, positions = step.cache, positions + 1
+        hidden, ret_hidden = step.last_hidden[:, -1], step.ret_hidden[:, -1]
+        steps = []
+        for row, token in chosen:
+            if token == model.ret_token_id:
+                rets[row] += 1
+                steps.append((row, Step(token, ret_hidden[row].float())))
+            else:
+                steps.append((row, Step(token)))
+        yield steps
 
 
 @torch.no_grad()

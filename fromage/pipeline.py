@@ -16,7 +16,7 @@ and `score` cover captioning, prompt → images, and answer selection by log-lik
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -30,7 +30,7 @@ from .checkpoint import checkpoint_digest, resolve
 from .data.digest import file_digest
 from .data.images import load_image
 from .embed import layout_prompt, ret_hidden_batch
-from .generate import CAPTION_TOKENS, GenerationConfig, decode, greedy_captions
+from .generate import CAPTION_TOKENS, GenerationConfig, decode, decode_batch, greedy_captions
 from .index.store import ImageIndex
 from .model import FromageModel
 from .scoring import candidate_logprobs
@@ -129,17 +129,31 @@ class Fromage:
                 raise TypeError(
                     f"prompt items are str (text), PIL images or pathlib.Path (image files); got {type(item).__name__}"
                 )
+        ids = self._layout(prompt)
+        if len(ids) == 1:
+            raise ValueError("the prompt has no text and no image")
+        assert self.model.encoder is not None
+        feats = self.model.encoder.encode(images) if images else None
+        return EncodedPrompt(torch.tensor([ids]), feats, context)
+
+    def _layout(self, prompt: Sequence[PromptItem]) -> list[int]:
         ids, _ = layout_prompt(
             prompt,
             lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"],
             self.special.bos,
             self.model.config.num_visual_tokens,
         )
-        if len(ids) == 1:
-            raise ValueError("the prompt has no text and no image")
-        assert self.model.encoder is not None
-        feats = self.model.encoder.encode(images) if images else None
-        return EncodedPrompt(torch.tensor([ids]), feats, context)
+        return ids
+
+    def count_tokens(self, prompt: Sequence[PromptItem]) -> int:
+        """The prompt's length in LM positions (`[BOS]`, text tokens, k slots per image), without
+        reading or encoding its images."""
+        return len(self._layout([prompt] if isinstance(prompt, (str, Path, Image.Image)) else prompt))
+
+    @property
+    def max_positions(self) -> int | None:
+        """The LM's context length (prompt + answer), when its config says."""
+        return self.model.lm.max_positions
 
     # ------------------------------------------------------------------ retrieval
 
@@ -203,40 +217,81 @@ class Fromage:
         config = self._config(overrides)
         enc = self.encode(prompt)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        pending: list[int] = []  # tokens of the text since the last [RET]
-        shown = ""  # the part of their text already yielded
+        text = _AnswerText(self.tokenizer, config.stop)
         exclude = set(enc.context_rows) | set(exclude)
         steps = 0
         for step in decode(self.model, enc.input_ids, enc.image_features, self.special, config, generator):
             steps += 1
             if step.ret_hidden is None:
-                pending.append(step.token_id)
-                text = self.tokenizer.decode(pending, skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # half a character: wait for the rest
-                    continue
-                safe, stopped = split_at_stop(text, config.stop)
-                if len(safe) > len(shown):
-                    yield safe[len(shown) :]
-                    shown = safe
+                piece, stopped = text.add(step.token_id)
+                if piece:
+                    yield piece
                 if stopped:
                     return Ending("stop", steps)
                 continue
-            rest = self._rest(pending, shown)
+            rest = text.flush()
             if rest:
                 yield rest
-            pending, shown = [], ""
             found = self._search(step.ret_hidden, config.images_per_ret, exclude)
             exclude |= {img.row for img in found}  # one image is not shown twice in an answer
             yield found
-        rest = self._rest(pending, shown)
+        rest = text.flush()
         if rest:
             yield rest
         return Ending("length" if steps >= config.max_new_tokens else "stop", steps)
 
-    def _rest(self, pending: list[int], shown: str) -> str:
-        """Text of `pending` not yet yielded (held back as a possible stop string, or partial)."""
-        text = self.tokenizer.decode(pending, skip_special_tokens=True) if pending else ""
-        return text[len(shown) :]
+    def stream_batch(
+        self,
+        prompts: Sequence[Sequence[PromptItem]],
+        seeds: Sequence[int | None] | None = None,
+        excludes: Sequence[Iterable[int]] | None = None,
+        **overrides: Any,
+    ) -> Iterator[tuple[int, str | list[RetrievedImage] | Ending]]:
+        """`stream` for many prompts decoded together (one forward per step, `decode_batch`):
+        yields `(row, piece)` as each row's text and images arrive, and `(row, Ending)` once per
+        row when it ends. Each row gets exactly what `stream` gives it alone (same seed)."""
+        config = self._config(overrides)
+        encoded = [self.encode(p) for p in prompts]
+        seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+        gens = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+        excluded = [set(e.context_rows) for e in encoded]
+        for row, extra in enumerate(excludes or []):
+            excluded[row] |= set(extra)
+        texts = [_AnswerText(self.tokenizer, config.stop) for _ in prompts]
+        steps = [0] * len(prompts)
+        ended: set[int] = set()
+        for events in decode_batch(
+            self.model,
+            [e.input_ids[0].tolist() for e in encoded],
+            [e.image_features for e in encoded],
+            self.special,
+            config,
+            gens,
+            ended,
+        ):
+            for row, step in events:
+                steps[row] += 1
+                if step.ret_hidden is None:
+                    piece, stopped = texts[row].add(step.token_id)
+                    if piece:
+                        yield row, piece
+                    if stopped:
+                        ended.add(row)
+                        yield row, Ending("stop", steps[row])
+                    continue
+                rest = texts[row].flush()
+                if rest:
+                    yield row, rest
+                found = self._search(step.ret_hidden, config.images_per_ret, excluded[row])
+                excluded[row] |= {img.row for img in found}
+                yield row, found
+        for row in range(len(prompts)):
+            if row in ended:
+                continue
+            rest = texts[row].flush()
+            if rest:
+                yield row, rest
+            yield row, Ending("length" if steps[row] >= config.max_new_tokens else "stop", steps[row])
 
     def generate(
         self, prompt: Sequence[PromptItem], seed: int | None = None, **overrides: Any
@@ -266,9 +321,22 @@ class Fromage:
     def generate_batch(
         self, prompts: Sequence[Sequence[PromptItem]], seed: int | None = None, **overrides: Any
     ) -> list[list[str | RetrievedImage]]:
-        """`generate` for each prompt (decoded one after another: a `[RET]` in one answer
-        changes what that answer reads next, so rows do not stay in step)."""
-        return [self.generate(p, seed, **overrides) for p in prompts]
+        """`generate` for each prompt, decoded together (`stream_batch`); every row is seeded
+        with `seed`, so each answer is what `generate(prompt, seed)` gives."""
+        out: list[list[str | RetrievedImage]] = [[] for _ in prompts]
+        for row, piece in self.stream_batch(prompts, [seed] * len(prompts), **overrides):
+            if isinstance(piece, Ending):
+                continue
+            answer = out[row]
+            if isinstance(piece, str):
+                last = answer[-1] if answer else None
+                if isinstance(last, str):
+                    answer[-1] = last + piece
+                else:
+                    answer.append(piece)
+            else:
+                answer.extend(piece)
+        return out
 
     @torch.no_grad()
     def caption(
@@ -302,6 +370,36 @@ class Fromage:
             if not ids:
                 raise ValueError(f"candidate {text!r} has no tokens")
         return candidate_logprobs(self.model, enc.input_ids, enc.image_features, tokens).tolist()
+
+
+class _AnswerText:
+    """One answer's tokens → the text to show as they arrive: half a character waits for the
+    rest, and a tail that could grow into a stop string is held back (`split_at_stop`)."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.pending: list[int] = []  # tokens of the text since the last [RET]
+        self.shown = ""  # the part of their text already given out
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """→ (new text to show, whether a stop string has appeared)."""
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half a character: wait for the rest
+            return "", False
+        safe, stopped = split_at_stop(text, self.stops)
+        if len(safe) <= len(self.shown):
+            return "", stopped
+        piece, self.shown = safe[len(self.shown) :], safe
+        return piece, stopped
+
+    def flush(self) -> str:
+        """The text not shown yet (at a `[RET]` or the end); a new run of text starts after."""
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=True) if self.pending else ""
+        rest = text[len(self.shown) :]
+        self.pending, self.shown = [], ""
+        return rest
 
 
 def split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

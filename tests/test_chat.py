@@ -84,3 +84,24 @@ def test_web_messages_show_text_images_and_retrieved_captions():
         {"role": "assistant", "content": "*red apple* · score 0.42"},
         {"role": "assistant", "content": "ok"},
     ]
+
+
+def test_default_memory_keeps_every_exchange_that_fits_the_context(bot, monkeypatch):  # noqa: F811
+    fromage, _ = bot
+    chat = Conversation(fromage, max_new_tokens=4)  # memory=-1, the default
+    for i in range(3):
+        chat.add("user", [f"question {i}"])
+        chat.add("assistant", [f"answer {i}"])
+    everything = chat.prompt(["next"])
+    assert everything[0] == "question 0" and everything[-1] == "next"  # all three exchanges
+    # A context that holds the new message, the answer and one exchange: the oldest two go.
+    one = fromage.count_tokens(chat.prompt(["next"])[-5:])
+    monkeypatch.setattr(fromage.model.lm, "max_positions", one + 4)
+    assert chat.prompt(["next"]) == ["question 2", "\n", "answer 2", "\n", "next"]
+    monkeypatch.setattr(fromage.model.lm, "max_positions", one + 3)  # not even that: none
+    assert chat.prompt(["next"]) == ["next"]
+
+
+def test_memory_below_minus_one_is_refused(bot):  # noqa: F811
+    with pytest.raises(ValueError, match="memory must be >= -1"):
+        Conversation(bot[0], memory=-2)

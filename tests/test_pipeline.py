@@ -237,3 +237,39 @@ def test_every_command_defaults_to_the_shipped_model():
         assert _model(parser.parse_args(argv)) == str(SHIPPED), argv
     assert _model(parser.parse_args(["caption", "a.png", "--model", "default"])) == str(SHIPPED)
     assert _model(parser.parse_args(["features", "emoji-google", "--checkpoint", "ck"])) == "ck"
+
+
+def test_stream_batch_gives_each_row_what_stream_gives_it_alone(bot):
+    """Issue #17: rows decoded together (one forward per step) get their own text, their own
+    retrievals at their own `[RET]`s, their own stop strings and endings, row for row as alone."""
+    from fromage.pipeline import Ending
+
+    fromage, photos = bot
+    images = sorted(photos.glob("*.png"))
+    prompts = [["a red"], ["blue", images[0], "circle"], [images[1], "a long green square prompt", images[2]]]
+    for kwargs in (
+        {"max_new_tokens": 8, "ret_scale_factor": 1e3, "min_word_tokens": 1, "max_rets": 2},
+        {"max_new_tokens": 8, "temperature": 1.0, "ret_scale_factor": 20.0, "stop": ("e",)},
+    ):
+        seeds = [11, 12, 13]
+        alone = []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            gen = fromage.stream(prompt, seed=seed, **kwargs)
+            pieces = []
+            while True:
+                try:
+                    pieces.append(next(gen))
+                except StopIteration as end:
+                    pieces.append(end.value)
+                    break
+            alone.append(pieces)
+        batched: list[list] = [[] for _ in prompts]
+        for row, piece in fromage.stream_batch(prompts, seeds, **kwargs):
+            batched[row].append(piece)
+        for b, a in zip(batched, alone, strict=True):
+            assert isinstance(b[-1], Ending) and b[-1] == a[-1]
+            assert "".join(p for p in b if isinstance(p, str)) == "".join(p for p in a if isinstance(p, str))
+            got = [[i.row for i in p] for p in b if isinstance(p, list)]
+            assert got == [[i.row for i in p] for p in a if isinstance(p, list)]
+        if "stop" not in kwargs:  # the [RET]-heavy settings retrieved in every row
+            assert all(any(isinstance(p, list) for p in row) for row in batched)

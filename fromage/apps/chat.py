@@ -1,12 +1,11 @@
 """A dialogue over `Fromage`: turns of text and images in, text and retrieved images out.
 
-Each turn's prompt is the last `memory` exchanges (user items, the model's answers and the
-images it retrieved, fed back as images) and then the new message, separated by newlines.
-Images already shown in the conversation are never retrieved again. Answers end at a newline.
-
-`memory` defaults to 0 for the shipped model: it was trained on single captions and requests,
-and earlier turns in the prompt move its `[RET]` state off the request (in the demo, all three
-requests retrieve the wrong emoji after a captioned photo; alone, all three are right).
+Each turn's prompt is the earlier exchanges (user items, the model's answers and the images it
+retrieved, fed back as images) and then the new message, separated by newlines: the last
+`memory` exchanges, or with `memory=-1` (the default) every exchange that fits the LM's context
+together with the answer; the oldest go first. The ship recipe trains `[RET]` on requests after
+earlier turns (training/tasks.py), so a request reads in context. Images already shown in the
+conversation are never retrieved again. Answers end at a newline.
 
 `ChatConfig` holds every setting of a conversation with its one default; the terminal chat
 (`fromage chat`, `run_terminal`), the web demo and the scripted demo all start from it. The
@@ -54,8 +53,8 @@ class Conversation:
     def __init__(self, bot: Fromage, memory: int = ChatConfig.memory, **generation: Any):
         """`memory`: earlier exchanges (user + answer) each prompt includes; `generation`:
         `GenerationConfig` overrides for every answer (a newline stop is added)."""
-        if memory < 0:
-            raise ValueError(f"memory must be >= 0, got {memory}")
+        if memory < -1:
+            raise ValueError(f"memory must be >= -1 (-1: as many as fit), got {memory}")
         self.bot = bot
         self.memory = memory
         self.turns: list[Turn] = []
@@ -64,14 +63,17 @@ class Conversation:
 
     def prompt(self, user: list[str | Path | Image.Image]) -> list[PromptItem]:
         """The conversation so far plus the new user items, as one prompt."""
-        items: list[PromptItem] = []
-        history = self.turns[len(self.turns) - 2 * self.memory :] if self.memory else []
-        for turn in [*history, Turn("user", list(user))]:
-            if items:
-                items.append("\n")
-            for item in turn.items:
-                items.append(Path(item.path) if isinstance(item, RetrievedImage) else item)
-        return items
+        exchanges = len(self.turns) // 2 if self.memory == -1 else min(self.memory, len(self.turns) // 2)
+        limit = self.bot.max_positions
+        while True:
+            history = self.turns[len(self.turns) - 2 * exchanges :] if exchanges else []
+            items = _joined([*history, Turn("user", list(user))])
+            if not exchanges or limit is None:
+                return items
+            budget = limit - int(self.generation.get("max_new_tokens", ChatConfig.max_new_tokens))
+            if self.bot.count_tokens(items) <= budget:
+                return items
+            exchanges -= 1  # the oldest exchange does not fit: drop it
 
     def ask(self, user: list[str | Path | Image.Image]) -> Iterator[str | list[RetrievedImage]]:
         """Stream the answer to one user turn; the turn and the answer join the history once
@@ -95,6 +97,17 @@ class Conversation:
     def add(self, role: str, items: list[Item]) -> None:
         """Record a turn that did not come from `ask` (e.g. a caption shown as an answer)."""
         self.turns.append(Turn(role, items))
+
+
+def _joined(turns: list[Turn]) -> list[PromptItem]:
+    """Turns as one prompt: their items, newline-separated, retrieved images as their files."""
+    items: list[PromptItem] = []
+    for turn in turns:
+        if items:
+            items.append("\n")
+        for item in turn.items:
+            items.append(Path(item.path) if isinstance(item, RetrievedImage) else item)
+    return items
 
 
 def run_terminal(

@@ -51,6 +51,9 @@ class FrozenLM(nn.Module):
         layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 0
         self.num_layers = int(layers)
         self.final_norm = _find_final_norm(self.base)
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.max_positions: int | None = int(positions) if positions else None
+        """The longest sequence the LM was built for (prompt + answer), when its config says."""
         self.stepper: Any = None  # set by enable_fast_decode
         self.checkpointing = False  # set by set_activation_checkpointing
         self.checkpoint_blocks = 0

@@ -1,0 +1,103 @@
+"""Batched decoding (`decode_batch`) is one-at-a-time decoding (`decode`), row for row: the same
+tokens, the same `[RET]` states, rows of different lengths, with and without images, ending at
+different times."""
+
+import pytest
+import torch
+
+from fromage.generate import GenerationConfig, decode, decode_batch
+from fromage.tokens import IMAGE_TOKEN_ID
+
+from .conftest import build_model, tiny_gpt2, tiny_llama, tiny_opt
+
+
+def _prompts(model, k: int = 2):
+    """Four prompts of different lengths: text only, one image, two images, a long text."""
+    torch.manual_seed(7)
+    f = model.config.feature_dim
+    img = [IMAGE_TOKEN_ID] * k
+    return [
+        ([1, 5, 6], None),
+        ([1, *img, 7, 8], torch.randn(1, f)),
+        ([1, 5, *img, 9, *img, 10, 11], torch.randn(2, f)),
+        ([1, *range(12, 30)], None),
+    ]
+
+
+def _one_at_a_time(model, special, prompts, config, seeds):
+    rows = []
+    for (ids, feats), seed in zip(prompts, seeds, strict=True):
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        rows.append(list(decode(model, torch.tensor([ids]), feats, special, config, gen)))
+    return rows
+
+
+def _batched(model, special, prompts, config, seeds):
+    gens = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+    rows: list[list] = [[] for _ in prompts]
+    for steps in decode_batch(model, [p for p, _ in prompts], [f for _, f in prompts], special, config, gens):
+        assert len({row for row, _ in steps}) == len(steps)  # one token per running row per step
+        for row, step in steps:
+            rows[row].append(step)
+    return rows
+
+
+def _assert_same(batched, alone, ret_id):
+    for b, a in zip(batched, alone, strict=True):
+        assert [s.token_id for s in b] == [s.token_id for s in a]
+        for x, y in zip(b, a, strict=True):
+            assert (x.ret_hidden is None) == (y.ret_hidden is None)
+            if x.ret_hidden is not None:
+                torch.testing.assert_close(x.ret_hidden, y.ret_hidden, atol=1e-4, rtol=1e-4)
+    assert any(s.token_id == ret_id for row in batched for s in row)  # [RET] steps exercised
+
+
+@pytest.mark.parametrize(
+    "lm", [lambda: tiny_llama(tied=False), lambda: tiny_llama(tied=True), tiny_opt, tiny_gpt2]
+)
+def test_greedy_batch_equals_one_at_a_time(lm, special):
+    model = build_model(lm(), ret_layer=1).eval()
+    prompts = _prompts(model)
+    config = GenerationConfig(max_new_tokens=10, ret_scale_factor=1e3, min_word_tokens=2, max_rets=2)
+    seeds = [None] * len(prompts)
+    _assert_same(
+        _batched(model, special, prompts, config, seeds),
+        _one_at_a_time(model, special, prompts, config, seeds),
+        model.ret_token_id,
+    )
+
+
+def test_seeded_sampling_batch_equals_one_at_a_time(special):
+    model = build_model(tiny_llama(), ret_layer=1).eval()
+    prompts = _prompts(model)
+    config = GenerationConfig(max_new_tokens=10, temperature=0.9, top_p=0.9, ret_scale_factor=50, max_rets=1)
+    seeds = [3, 4, 5, 6]
+    batched = _batched(model, special, prompts, config, seeds)
+    _assert_same(batched, _one_at_a_time(model, special, prompts, config, seeds), model.ret_token_id)
+    assert len({tuple(s.token_id for s in row) for row in batched}) > 1  # rows really differ
+
+
+def test_rows_end_at_their_own_eos(special):
+    """Rows that end early leave the others decoding as they would alone."""
+    model = build_model(tiny_llama(), ret_layer=1).eval()
+    prompts = _prompts(model)
+    config = GenerationConfig(max_new_tokens=12, ret_scale_factor=0)
+    never = type(special)(special.bos, model.ret_token_id, special.pad)  # [RET] is never chosen
+    full = _one_at_a_time(model, never, prompts, config, [None] * 4)
+    assert all(len(r) == 12 for r in full)
+    for row in range(len(prompts)):  # each row's 3rd token declared EOS in turn
+        ending = type(special)(special.bos, full[row][2].token_id, special.pad)
+        batched = _batched(model, ending, prompts, config, [None] * 4)
+        alone = _one_at_a_time(model, ending, prompts, config, [None] * 4)
+        assert len(batched[row]) <= 2
+        assert [[s.token_id for s in r] for r in batched] == [[s.token_id for s in r] for r in alone]
+        assert len({len(r) for r in batched}) > 1  # rows ended at different steps
+
+
+def test_bad_batches_are_refused(special):
+    model = build_model(tiny_llama()).eval()
+    with pytest.raises(ValueError, match="2 prompts but 1 feature entries"):
+        list(decode_batch(model, [[1, 2], [1]], [None], special))
+    with pytest.raises(ValueError, match="a prompt is empty"):
+        list(decode_batch(model, [[1, 2], []], [None, None], special))
+    assert list(decode_batch(model, [], [], special)) == []
