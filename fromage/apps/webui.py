@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.components.multimodal_textbox import MultimodalValue
 
 from ..config import ChatConfig
 from ..data.shards import read_member, split_tar_ref
@@ -138,7 +139,7 @@ def build_ui(bot: Fromage, export: ExportFolder, examples: list[tuple[str, list[
             yield [{"role": "assistant", "content": "(no answer)"}]
 
     images = DEFAULTS.images_per_ret if DEFAULTS.max_rets else 0
-    controls = [
+    controls: list[str | gr.components.Component] = [
         gr.Slider(
             0.0,
             max(10000.0, DEFAULTS.ret_scale_factor),
@@ -167,7 +168,7 @@ def build_ui(bot: Fromage, export: ExportFolder, examples: list[tuple[str, list[
             textbox=textbox,
             additional_inputs=controls,
             additional_inputs_accordion=gr.Accordion("Settings", open=False),
-            examples=[{"text": t, "files": f} for t, f in examples] if examples else None,
+            examples=[MultimodalValue(text=t, files=f) for t, f in examples] if examples else None,
             cache_examples=False,
             title="fromage: a frozen LM that reads images and answers with retrieved ones",
             stop_btn=True,
