@@ -1,7 +1,8 @@
 """Decoding with the KV cache (DESIGN §4, §6).
 
 - `greedy_captions`: batched captioning of images; `[RET]` is never allowed.
-- `decode_batch`: many prompts decoded together, one forward per step (serving concurrent chats).
+- `BatchDecoder` / `decode_batch`: many prompts decoded together, one forward per step; rows
+  join and leave between steps (continuous batching for a server's concurrent chats).
 - `decode`: one interleaved prompt → a stream of `Step`s (token ids; at each `[RET]`, the hidden
   state that feeds the text→retrieval map). Greedy or temperature + top-p; `[RET]` controls
   (`ret_scale_factor` scales its *probability*, so it works whatever the logit's sign;
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -123,7 +125,160 @@ def decode(
             yield Step(int(token))
 
 
-@torch.no_grad()
+@dataclass
+class _Row:
+    config: GenerationConfig
+    generator: torch.Generator | None
+    produced: int = 0
+    rets: int = 0
+
+
+class BatchDecoder:
+    """Rows decoded together, one forward per step, that join and leave between steps
+    (continuous batching: a server admits a new request at the next step boundary).
+
+    Each row has its own prompt, `GenerationConfig` and generator. Rows live left-padded in one
+    KV cache; each reads only its own columns (attention mask) at its own positions (position
+    ids), so a row decodes exactly as `decode` decodes it alone, whenever it joined (tested
+    token for token). A joining row's prompt runs alone (or with the others joining at the same
+    step), then its cache is padded to the batch's width or the batch's to its. A row leaves
+    at EOS, after its `max_new_tokens`, or when `end` is called; its cache rows go at once, and
+    columns that no remaining row reads are dropped."""
+
+    def __init__(self, model: FromageModel, special: SpecialTokens):
+        self.model, self.special = model, special
+        self.handles: list[int] = []  # the handle of each batch row, in cache order
+        self.rows: dict[int, _Row] = {}
+        self.cache: Any = None
+        self.mask = torch.empty(0, 0, dtype=torch.long)  # (B, T) the columns each row reads
+        self.positions = torch.empty(0, 1, dtype=torch.long)  # (B, 1) each row's next position
+        self.hidden = torch.empty(0)  # (B, d) last hidden state: it predicts each row's next token
+        self._next_handle = 0
+
+    @property
+    def running(self) -> int:
+        return len(self.handles)
+
+    @torch.no_grad()
+    def add(
+        self,
+        prompts: Sequence[Sequence[int]],
+        image_features: Sequence[torch.Tensor | None],
+        configs: Sequence[GenerationConfig],
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> list[int]:
+        """Prefill prompts (ids with image slots; (n_i, F) features or None) and join them to
+        the batch; → their handles."""
+        if not (len(prompts) == len(image_features) == len(configs)):
+            raise ValueError(
+                f"{len(prompts)} prompts, {len(image_features)} feature entries, {len(configs)} configs"
+            )
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("a prompt is empty: give at least one token or image")
+        gens = list(generators) if generators is not None else [None] * len(prompts)
+        if len(gens) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(gens)} generators")
+        if not prompts:
+            return []
+        out, mask = padded_forward(self.model, prompts, image_features, self.special.pad, use_cache=True)
+        device = self.model.ret_embedding.device
+        self._join(out.cache, mask.to(device), mask.sum(1, keepdim=True).to(device), out.last_hidden[:, -1])
+        handles = list(range(self._next_handle, self._next_handle + len(prompts)))
+        self._next_handle += len(prompts)
+        for handle, config, gen in zip(handles, configs, gens, strict=True):
+            self.rows[handle] = _Row(config, gen)
+        self.handles += handles
+        return handles
+
+    def _join(self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> None:
+        if self.cache is None:
+            self.cache, self.mask, self.positions, self.hidden = cache, mask, positions, hidden
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+        self.positions = torch.cat([self.positions, positions])
+        self.hidden = torch.cat([self.hidden, hidden.to(self.hidden.dtype)])
+
+    def end(self, handle: int) -> None:
+        """Drop a row (a stop string, a client that left); unknown or ended handles are ignored."""
+        if handle in self.rows:
+            self._keep([h for h in self.handles if h != handle])
+
+    def _keep(self, handles: list[int]) -> None:
+        index = torch.tensor([self.handles.index(h) for h in handles], dtype=torch.long)
+        for handle in set(self.handles) - set(handles):
+            del self.rows[handle]
+        self.handles = handles
+        if not handles:
+            self.cache = None
+            return
+        self.mask, self.positions, self.hidden = self.mask[index], self.positions[index], self.hidden[index]
+        unread = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns no row reads
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, unread:], layer.values[index, :, unread:]
+        self.mask = self.mask[:, unread:]
+
+    @torch.no_grad()
+    def step(self) -> tuple[list[tuple[int, Step]], list[int]]:
+        """One token for every running row: → ((handle, Step) of the rows that produced one,
+        handles of the rows that ended at this step: EOS, or their `max_new_tokens` reached)."""
+        if not self.handles:
+            return [], []
+        logits = self.model.full_logits(self.hidden)  # (B, V+1)
+        chosen: list[tuple[int, int]] = []
+        ended: list[int] = []
+        for i, handle in enumerate(self.handles):
+            row = self.rows[handle]
+            allow_ret = row.rets < row.config.max_rets and row.produced >= row.config.min_word_tokens
+            # Row by row, as `decode` does for its one row: the same draw from the same generator.
+            logp = next_token_scores(self.model, logits[i : i + 1], row.config, allow_ret)
+            token = int(choose(logp, row.config, row.generator))
+            if token == self.special.eos:
+                ended.append(handle)
+            else:
+                chosen.append((handle, token))
+        if ended:
+            self._keep([h for h, _ in chosen])
+        if not chosen:
+            return [], ended
+        device = self.model.ret_embedding.device
+        tokens = torch.tensor([[t] for _, t in chosen], device=device)  # (B, 1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        out = self.model(
+            tokens,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            cache=self.cache,
+            use_cache=True,
+            compute_logits=False,
+        )
+        self.cache, self.positions = out.cache, self.positions + 1
+        self.hidden, ret_hidden = out.last_hidden[:, -1], out.ret_hidden[:, -1]
+        steps = []
+        for i, (handle, token) in enumerate(chosen):
+            row = self.rows[handle]
+            row.produced += 1
+            if token == self.model.ret_token_id:
+                row.rets += 1
+                steps.append((handle, Step(token, ret_hidden[i].float())))
+            else:
+                steps.append((handle, Step(token)))
+        done = [h for h, _ in chosen if self.rows[h].produced >= self.rows[h].config.max_new_tokens]
+        if done:
+            self._keep([h for h in self.handles if h not in done])
+        return steps, ended + done
+
+
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before dim 2 of a (B, H, T, D) cache tensor, or dim 1 of a (B, T) mask, to `width`."""
+    if x.dim() == 2:
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0))
+    return torch.nn.functional.pad(x, (0, 0, width - x.shape[2], 0))
+
+
 def decode_batch(
     model: FromageModel,
     prompts: Sequence[Sequence[int]],
@@ -133,73 +288,20 @@ def decode_batch(
     generators: Sequence[torch.Generator | None] | None = None,
     ended: set[int] | None = None,
 ) -> Iterator[list[tuple[int, Step]]]:
-    """`decode` for many prompts at once: one forward per step over all running rows.
-
-    prompts[i] is row i's token ids (image slots included), image_features[i] its (n_i, F)
-    features or None, generators[i] its sampling generator. Rows are left-padded into one cache
-    and each reads its own positions (attention mask + position ids), so a row decodes exactly
-    as it would alone (tested token for token against `decode`). Each iteration yields the
-    `(row, Step)` of every row that produced a token: a row ends at EOS or after
-    `max_new_tokens`, and its `[RET]` budget (`max_rets`) is its own; the caller ends a row (a
-    stop string) by adding it to `ended` between steps. Ended rows stay in the batch, masked
-    out, until every row has ended."""
+    """`decode` for many prompts at once (a `BatchDecoder` that no row joins later): each
+    iteration yields the `(row, Step)` of every row that produced a token. prompts[i] is row
+    i's ids (image slots included), image_features[i] its (n_i, F) features or None,
+    generators[i] its sampling generator; the caller ends a row (a stop string) by adding it to
+    `ended` between steps."""
     config = config or GenerationConfig()
-    if not prompts:
-        return
-    if len(image_features) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(image_features)} feature entries")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("a prompt is empty: give at least one token or image")
-    gens = list(generators) if generators is not None else [None] * len(prompts)
-    if len(gens) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(gens)} generators")
-    device = model.ret_embedding.device
-    out, mask = padded_forward(model, prompts, image_features, special.pad, use_cache=True)
-    cache, mask = out.cache, mask.to(device)  # mask: (B, T) grows a column per step
-    positions = mask.sum(1, keepdim=True)  # (B, 1) each row's next position
-    hidden = out.last_hidden[:, -1]  # (B, d)
-    rets = [0] * len(prompts)
-    running = [True] * len(prompts)
-    for produced in range(config.max_new_tokens):
-        logits = model.full_logits(hidden)  # (B, V+1)
-        tokens = torch.full((len(prompts),), special.pad, dtype=torch.long, device=device)
-        chosen: list[tuple[int, int]] = []
-        for row in range(len(prompts)):
-            if ended is not None and row in ended:
-                running[row] = False
-            if not running[row]:
-                continue
-            allow_ret = rets[row] < config.max_rets and produced >= config.min_word_tokens
-            # Row by row, as `decode` does for its one row: the same draw from the same generator.
-            logp = next_token_scores(model, logits[row : row + 1], config, allow_ret)
-            token = int(choose(logp, config, gens[row]))
-            if token == special.eos:
-                running[row] = False
-                continue
-            tokens[row] = token
-            chosen.append((row, token))
-        if not chosen:
-            return
-        alive = torch.tensor(running, dtype=mask.dtype, device=device)[:, None]
-        mask = torch.cat([mask, alive], 1)
-        step = model(
-            tokens[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            compute_logits=False,
-        )
-        cache, positions = step.cache, positions + 1
-        hidden, ret_hidden = step.last_hidden[:, -1], step.ret_hidden[:, -1]
-        steps = []
-        for row, token in chosen:
-            if token == model.ret_token_id:
-                rets[row] += 1
-                steps.append((row, Step(token, ret_hidden[row].float())))
-            else:
-                steps.append((row, Step(token)))
-        yield steps
+    decoder = BatchDecoder(model, special)
+    decoder.add(prompts, image_features, [config] * len(prompts), generators)
+    while decoder.running:
+        for row in ended or ():
+            decoder.end(row)
+        steps, _ = decoder.step()
+        if steps:
+            yield steps
 
 
 @torch.no_grad()

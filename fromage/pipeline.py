@@ -30,7 +30,7 @@ from .checkpoint import checkpoint_digest, resolve
 from .data.digest import file_digest
 from .data.images import load_image
 from .embed import layout_prompt, ret_hidden_batch
-from .generate import CAPTION_TOKENS, GenerationConfig, decode, decode_batch, greedy_captions
+from .generate import CAPTION_TOKENS, BatchDecoder, GenerationConfig, decode, greedy_captions
 from .index.store import ImageIndex
 from .model import FromageModel
 from .scoring import candidate_logprobs
@@ -247,51 +247,15 @@ class Fromage:
         excludes: Sequence[Iterable[int]] | None = None,
         **overrides: Any,
     ) -> Iterator[tuple[int, str | list[RetrievedImage] | Ending]]:
-        """`stream` for many prompts decoded together (one forward per step, `decode_batch`):
+        """`stream` for many prompts decoded together (one forward per step, `AnswerBatch`):
         yields `(row, piece)` as each row's text and images arrive, and `(row, Ending)` once per
         row when it ends. Each row gets exactly what `stream` gives it alone (same seed)."""
-        config = self._config(overrides)
-        encoded = [self.encode(p) for p in prompts]
-        seeds = list(seeds) if seeds is not None else [None] * len(prompts)
-        gens = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
-        excluded = [set(e.context_rows) for e in encoded]
-        for row, extra in enumerate(excludes or []):
-            excluded[row] |= set(extra)
-        texts = [_AnswerText(self.tokenizer, config.stop) for _ in prompts]
-        steps = [0] * len(prompts)
-        ended: set[int] = set()
-        for events in decode_batch(
-            self.model,
-            [e.input_ids[0].tolist() for e in encoded],
-            [e.image_features for e in encoded],
-            self.special,
-            config,
-            gens,
-            ended,
-        ):
-            for row, step in events:
-                steps[row] += 1
-                if step.ret_hidden is None:
-                    piece, stopped = texts[row].add(step.token_id)
-                    if piece:
-                        yield row, piece
-                    if stopped:
-                        ended.add(row)
-                        yield row, Ending("stop", steps[row])
-                    continue
-                rest = texts[row].flush()
-                if rest:
-                    yield row, rest
-                found = self._search(step.ret_hidden, config.images_per_ret, excluded[row])
-                excluded[row] |= {img.row for img in found}
-                yield row, found
-        for row in range(len(prompts)):
-            if row in ended:
-                continue
-            rest = texts[row].flush()
-            if rest:
-                yield row, rest
-            yield row, Ending("length" if steps[row] >= config.max_new_tokens else "stop", steps[row])
+        batch = AnswerBatch(self)
+        handles = batch.add(prompts, seeds, excludes, **overrides)
+        row_of = {h: i for i, h in enumerate(handles)}
+        while batch.running:
+            for handle, piece in batch.step():
+                yield row_of[handle], piece
 
     def generate(
         self, prompt: Sequence[PromptItem], seed: int | None = None, **overrides: Any
@@ -370,6 +334,89 @@ class Fromage:
             if not ids:
                 raise ValueError(f"candidate {text!r} has no tokens")
         return candidate_logprobs(self.model, enc.input_ids, enc.image_features, tokens).tolist()
+
+
+class AnswerBatch:
+    """Answers decoded together that join and leave between steps (a server's concurrent
+    chats): `add` a prompt, call `step` until `running` is 0; each step gives every row's new
+    text, its images at a `[RET]`, and an `Ending` once per row. A row gets exactly what
+    `Fromage.stream` gives it alone with the same seed (`BatchDecoder`)."""
+
+    def __init__(self, bot: Fromage):
+        self.bot = bot
+        self.decoder = BatchDecoder(bot.model, bot.special)
+        self._rows: dict[int, _AnswerRow] = {}
+
+    @property
+    def running(self) -> int:
+        return self.decoder.running
+
+    def add(
+        self,
+        prompts: Sequence[Sequence[PromptItem]],
+        seeds: Sequence[int | None] | None = None,
+        excludes: Sequence[Iterable[int]] | None = None,
+        **overrides: Any,
+    ) -> list[int]:
+        """Encode and prefill prompts (one `GenerationConfig` override set for all); → handles."""
+        config = self.bot._config(overrides)
+        encoded = [self.bot.encode(p) for p in prompts]
+        seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+        gens = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+        handles = self.decoder.add(
+            [e.input_ids[0].tolist() for e in encoded],
+            [e.image_features for e in encoded],
+            [config] * len(prompts),
+            gens,
+        )
+        extra = list(excludes) if excludes is not None else [()] * len(prompts)
+        for handle, enc, more in zip(handles, encoded, extra, strict=True):
+            exclude = set(enc.context_rows) | set(more)
+            self._rows[handle] = _AnswerRow(config, _AnswerText(self.bot.tokenizer, config.stop), exclude)
+        return handles
+
+    def cancel(self, handle: int) -> None:
+        """Stop decoding a row now (its client left); it yields nothing more."""
+        self.decoder.end(handle)
+        self._rows.pop(handle, None)
+
+    def step(self) -> list[tuple[int, str | list[RetrievedImage] | Ending]]:
+        steps, ended = self.decoder.step()
+        out: list[tuple[int, str | list[RetrievedImage] | Ending]] = []
+        for handle, step in steps:
+            row = self._rows[handle]
+            row.steps += 1
+            if step.ret_hidden is None:
+                piece, stopped = row.text.add(step.token_id)
+                if piece:
+                    out.append((handle, piece))
+                if stopped:
+                    self.decoder.end(handle)
+                    del self._rows[handle]
+                    out.append((handle, Ending("stop", row.steps)))
+                continue
+            rest = row.text.flush()
+            if rest:
+                out.append((handle, rest))
+            found = self.bot._search(step.ret_hidden, row.config.images_per_ret, row.exclude)
+            row.exclude |= {img.row for img in found}  # one image is not shown twice in an answer
+            out.append((handle, found))
+        for handle in ended:
+            row = self._rows.pop(handle)
+            rest = row.text.flush()
+            if rest:
+                out.append((handle, rest))
+            reason = "length" if row.steps >= row.config.max_new_tokens else "stop"
+            out.append((handle, Ending(reason, row.steps)))
+        return out
+
+
+@dataclass
+class _AnswerRow:
+    config: GenerationConfig
+    text: _AnswerText
+    exclude: set[int]
+    steps: int = 0
 
 
 class _AnswerText:

@@ -5,7 +5,7 @@ different times."""
 import pytest
 import torch
 
-from fromage.generate import GenerationConfig, decode, decode_batch
+from fromage.generate import BatchDecoder, GenerationConfig, decode, decode_batch
 from fromage.tokens import IMAGE_TOKEN_ID
 
 from .conftest import build_model, tiny_gpt2, tiny_llama, tiny_opt
@@ -96,8 +96,75 @@ def test_rows_end_at_their_own_eos(special):
 
 def test_bad_batches_are_refused(special):
     model = build_model(tiny_llama()).eval()
-    with pytest.raises(ValueError, match="2 prompts but 1 feature entries"):
+    with pytest.raises(ValueError, match="2 prompts, 1 feature entries, 2 configs"):
         list(decode_batch(model, [[1, 2], [1]], [None], special))
     with pytest.raises(ValueError, match="a prompt is empty"):
         list(decode_batch(model, [[1, 2], []], [None, None], special))
     assert list(decode_batch(model, [], [], special)) == []
+
+
+def test_rows_joining_and_leaving_between_steps_decode_as_alone(special):
+    """Continuous batching: rows with their own settings join a running batch at step
+    boundaries (shorter and longer prompts than the batch's), others leave (EOS, their token
+    budget, or `end`), and every row still gets what `decode` gives it alone."""
+    model = build_model(tiny_llama(), ret_layer=1).eval()
+    prompts = _prompts(model)
+    configs = [
+        GenerationConfig(max_new_tokens=6, ret_scale_factor=1e3, max_rets=1),
+        GenerationConfig(max_new_tokens=12, temperature=0.8, top_p=0.9, ret_scale_factor=30),
+        GenerationConfig(max_new_tokens=9, ret_scale_factor=0),
+        GenerationConfig(max_new_tokens=12, temperature=1.2, ret_scale_factor=1e3, max_rets=2),
+    ]
+    seeds = [None, 21, None, 22]
+    alone = []
+    for (ids, feats), config, seed in zip(prompts, configs, seeds, strict=True):
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        alone.append(list(decode(model, torch.tensor([ids]), feats, special, config, gen)))
+
+    decoder = BatchDecoder(model, special)
+    got: dict[int, list] = {}
+    handle_row: dict[int, int] = {}
+
+    def join(rows: list[int]) -> None:
+        gens = [None if seeds[r] is None else torch.Generator().manual_seed(seeds[r]) for r in rows]
+        handles = decoder.add(
+            [prompts[r][0] for r in rows], [prompts[r][1] for r in rows], [configs[r] for r in rows], gens
+        )
+        handle_row.update(zip(handles, rows, strict=True))
+
+    join([2])  # the middle-length prompt alone
+    schedule = {2: [3], 4: [0, 1]}  # the longest joins at step 2, the two shortest at step 4
+    step = 0
+    ended_at: dict[int, int] = {}
+    while decoder.running or schedule:
+        if step in schedule:
+            join(schedule.pop(step))
+        steps, ended = decoder.step()
+        for handle, s in steps:
+            got.setdefault(handle_row[handle], []).append(s)
+        for handle in ended:
+            ended_at[handle_row[handle]] = step
+        step += 1
+    _assert_same([got.get(r, []) for r in range(4)], alone, model.ret_token_id)
+    assert len(set(ended_at.values())) > 1  # rows left at different steps
+    assert decoder.cache is None and not decoder.rows  # nothing left behind
+
+
+def test_ending_a_row_frees_it_and_leaves_the_others_unchanged(special):
+    model = build_model(tiny_llama(), ret_layer=1).eval()
+    prompts = _prompts(model)
+    config = GenerationConfig(max_new_tokens=8, ret_scale_factor=0)
+    special = type(special)(special.bos, model.ret_token_id, special.pad)  # no row ends by itself
+    alone = _one_at_a_time(model, special, prompts, config, [None] * 4)
+    decoder = BatchDecoder(model, special)
+    handles = decoder.add([p for p, _ in prompts], [f for _, f in prompts], [config] * 4)
+    got: dict[int, list] = {h: [] for h in handles}
+    for step in range(8):
+        if step == 3:
+            decoder.end(handles[3])  # the longest prompt: its columns are dropped too
+            assert decoder.running == 3 and decoder.mask.shape[1] == len(prompts[2][0]) + 3
+        steps, _ = decoder.step()
+        for handle, s in steps:
+            got[handle].append(s)
+    assert [len(got[h]) for h in handles] == [8, 8, 8, 3]
+    assert [[s.token_id for s in got[h]] for h in handles[:3]] == [[s.token_id for s in r] for r in alone[:3]]

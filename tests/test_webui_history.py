@@ -18,7 +18,10 @@ def test_history_turns_reads_gradio_messages_back(tmp_path):
         {"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/cat.png"}}]},
         {"role": "user", "content": [{"type": "text", "text": "show me a red apple"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "here"}]},
-        {"role": "assistant", "content": [{"type": "file", "file": {"path": "/x/a.png"}, "alt_text": "red apple"}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "file", "file": {"path": "/x/a.png"}, "alt_text": "red apple"}],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "*red apple* · score 0.53"}]},
         {"role": "user", "content": "show me another fruit"},
     ]
