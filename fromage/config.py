@@ -372,6 +372,8 @@ class ServeConfig:
     """Most retrieve/caption requests run together; 1 = one at a time."""
     batch_wait_ms: float = 5.0
     """How long a retrieve/caption request waits for others to batch with."""
+    chat_batch_size: int = 16
+    """Most chat completions decoded together (continuous batching: a new one joins at the next decoding step); 1 = one at a time."""
 
 
 @dataclass

@@ -298,13 +298,18 @@ def test_allow_listed_hosts_are_fetched_and_others_refused(bot):  # noqa: F811
 def test_a_stream_that_fails_midway_ends_with_an_error_event_and_done(bot, monkeypatch):  # noqa: F811
     """Issue #18 item 4: a failure after the first bytes were sent used to end the stream with
     no finish and no [DONE], so a client saw an empty answer and no error."""
-    fromage, _ = bot
+    from fromage.pipeline import AnswerBatch
 
-    def failing(*args, **kwargs):
-        yield "Once"
+    fromage, _ = bot
+    steps = []
+
+    def failing(self):  # the first step gives every row a word, the second breaks
+        steps.append(1)
+        if len(steps) == 1:
+            return [(handle, "Once") for handle in self._rows]
         raise RuntimeError("the decoder broke")
 
-    monkeypatch.setattr(fromage, "stream", failing)
+    monkeypatch.setattr(AnswerBatch, "step", failing)
     client = TestClient(create_app(fromage, ServeConfig()))
     body = {"messages": message({"type": "text", "text": "hi"}), "stream": True}
     with client.stream("POST", "/v1/chat/completions", json=body) as reply:

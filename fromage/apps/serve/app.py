@@ -26,6 +26,7 @@ from .connections import guarded_protocol
 from .files import VerifiedFiles
 from .images import decode_data_url, fetch_allowed
 from .middleware import BodyLimit
+from .scheduler import ChatScheduler
 from .schemas import (
     ApiError,
     CaptionRequest,
@@ -37,7 +38,7 @@ from .schemas import (
     error_response,
     first_error_field,
 )
-from .streaming import StreamedPieces, stream_error
+from .streaming import AsyncPieces, BlockingPieces, stream_error
 
 
 def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
@@ -55,7 +56,9 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
     caption_queue = MicroBatcher(
         lambda jobs: caption_jobs(bot, jobs), lock, config.batch_size, config.batch_wait_ms
     )
+    chats = ChatScheduler(bot, lock, config.chat_batch_size)
     app.state.batchers = {"retrieve": retrieve_queue, "caption": caption_queue}
+    app.state.chats = chats
     app.add_middleware(
         BodyLimit,  # type: ignore[arg-type]
         limit=config.max_body_bytes,
@@ -219,6 +222,7 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
             "images_per_ret": max(body.max_images, 1),
             "stop": tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()),
         }
+        seed = None if body.seed is None else body.seed % 2**64
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         model_id = config.model_id
@@ -235,16 +239,11 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
                 return f"data: {json.dumps(data)}\n\n"
 
             async def events() -> AsyncIterator[str]:
-                # The model runs in its own thread under the lock and hands pieces over a queue;
-                # this generator only forwards them. A client that goes away cancels it, and
-                # the decoder stops at its next token: the lock is never held while waiting
-                # on a client.
-                pieces = StreamedPieces(
-                    lambda: bot.stream(
-                        prompt, seed=None if body.seed is None else body.seed % 2**64, **settings
-                    ),
-                    lock,
-                )
+                # The scheduler decodes this answer in its batch and hands pieces over; this
+                # generator only forwards them. A client that goes away cancels the job, and
+                # it leaves the batch at the next step: nothing waits on a client.
+                pieces = AsyncPieces()
+                job = chats.submit(prompt, settings, seed, pieces.emit)
                 try:
                     yield chunk({"role": "assistant", "content": ""})
                     async for piece in pieces:
@@ -261,14 +260,17 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
                 except Exception as error:  # a stream that fails mid-way says so, then ends
                     yield f"data: {json.dumps(stream_error(error))}\n\n"
                 finally:
-                    pieces.cancel()
+                    job.cancel()
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        with lock:
-            answer, ending = bot.complete(
-                prompt, seed=None if body.seed is None else body.seed % 2**64, **settings
-            )
+        collected = BlockingPieces()
+        chats.submit(prompt, settings, seed, collected.emit)
+        answer: list[str | RetrievedImage] = []
+        for piece in collected:
+            answer.extend([piece] if isinstance(piece, str) else piece)
+        ending = collected.ending
+        assert ending is not None
         text = "".join(p for p in answer if isinstance(p, str))
         images = [image_json(p) for p in answer if isinstance(p, RetrievedImage)]
         completion = ending.tokens  # what was decoded, `[RET]`s included

@@ -1,62 +1,57 @@
-"""A decoder's pieces handed from the model's thread to an async response.
+"""An answer's pieces handed from the chat scheduler's thread to a response.
 
-`StreamedPieces` runs the decoding generator in a thread of its own, holding the model lock
-only while it decodes, and passes each piece to the event loop. `cancel` (called when the
-client goes away) makes the decoder stop at its next piece, so an abandoned stream frees the
-model within one decoding step instead of holding it until garbage collection.
+`AsyncPieces` passes each piece to the event loop of a streaming response; `BlockingPieces`
+to a synchronous handler. Both end at the answer's `Ending` (kept as `.ending`) and raise the
+exception that ended a failed answer. The scheduler never waits on either: it only enqueues.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+import queue
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-_DONE = object()
+from ...pipeline import Ending
 
 
-class StreamedPieces:
-    def __init__(self, start: Callable[[], Iterator[Any]], lock: threading.Lock):
-        self._start, self._lock = start, lock
-        self._cancelled = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.ending: Any = None
-        """What the decoding generator returned (pipeline.Ending), once it is done."""
+class AsyncPieces:
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.ending: Ending | None = None
 
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    def _run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        def hand_over(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        try:
-            with self._lock:
-                pieces = self._start()
-                while not self._cancelled.is_set():
-                    try:
-                        piece = next(pieces)
-                    except StopIteration as end:
-                        self.ending = end.value
-                        break
-                    hand_over(piece)
-            hand_over(_DONE)
-        except BaseException as error:  # handed to the response, which reports it
-            hand_over(error)
+    def emit(self, piece: Any) -> None:  # called from the scheduler's thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, piece)
 
     async def __aiter__(self) -> AsyncIterator[Any]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._thread = threading.Thread(target=self._run, args=(loop, queue), daemon=True)
-        self._thread.start()
         while True:
-            item = await queue.get()
-            if item is _DONE:
+            piece = await self._queue.get()
+            if isinstance(piece, BaseException):
+                raise piece
+            if isinstance(piece, Ending):
+                self.ending = piece
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            yield piece
+
+
+class BlockingPieces:
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self.ending: Ending | None = None
+
+    def emit(self, piece: Any) -> None:
+        self._queue.put(piece)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            piece = self._queue.get()
+            if isinstance(piece, BaseException):
+                raise piece
+            if isinstance(piece, Ending):
+                self.ending = piece
+                return
+            yield piece
 
 
 def stream_error(error: Exception) -> dict[str, Any]:
