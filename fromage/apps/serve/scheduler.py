@@ -82,10 +82,10 @@ class ChatScheduler:
             self.steps += 1
             self.widest = max(self.widest, len(jobs))
             for handle, piece in events:
-                job = jobs.get(handle)
-                if job is None:
+                listener = jobs.get(handle)
+                if listener is None:
                     continue
-                job.emit(piece)
+                listener.emit(piece)
                 if isinstance(piece, Ending):
                     del jobs[handle]
 
