@@ -1,6 +1,7 @@
 """Text-generation speed on the embedded default, side by side in one run (issue #3).
 
     .venv/bin/python bench/decode_speed.py [--checkpoint DIR] [--rounds 3] [--lm-weights bfloat16]
+    .venv/bin/python bench/decode_speed.py --batch 1,4,16 [--lm-weights bfloat16]
 
 64 new tokens after a 32-token prompt, greedy, EOS ignored so every run makes all 64:
 - `decode` with the KV cache vs `decode(use_cache=False)` (full recomputation each token) on an
@@ -16,6 +17,7 @@ the frozen LM's linear weights in bf16 (backbones/bf16_weights.py) for *every* c
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
@@ -23,7 +25,7 @@ import torch
 
 from fromage.backbones import load_lm
 from fromage.config import TrainConfig
-from fromage.generate import GenerationConfig, decode
+from fromage.generate import GenerationConfig, decode, decode_batch
 from fromage.model import FromageModel
 from fromage.tokens import IMAGE_TOKEN_ID, SpecialTokens
 
@@ -35,6 +37,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--batch",
+        default="",
+        help="comma-separated row counts, e.g. 1,4,16: aggregate tokens/s of batched decoding "
+        "(BatchDecoder, one forward per step) instead of the single-stream contenders",
+    )
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="frozen LM weights"
     )
@@ -75,6 +83,10 @@ def main() -> None:
     # EOS never matches, so each run produces exactly NEW_TOKENS tokens.
     special = SpecialTokens(bos=tokenizer.bos_token_id, eos=-1, pad=0)
     gen = GenerationConfig(max_new_tokens=NEW_TOKENS, max_rets=0)
+
+    if args.batch:
+        run_batches(model, interleaved, feats, special, gen, [int(b) for b in args.batch.split(",")], args)
+        return
 
     def ours(ids: torch.Tensor, images: torch.Tensor | None, cache: bool) -> Callable[[], int]:
         return lambda: len(list(decode(model, ids, images, special, gen, use_cache=cache)))
@@ -124,6 +136,41 @@ def main() -> None:
     print(f"decode / transformers generate (text-only): {rate[names[2]] / rate[names[3]]:.2f}x")
     if len(names) > 4:
         print(f"KV cache / fp32-weight recomputation: {rate[names[0]] / rate[names[4]]:.2f}x")
+
+
+def run_batches(model, prompt, feats, special, gen, sizes: list[int], args) -> None:
+    """Aggregate tokens/s of B rows decoded together (the interleaved prompt in every row)."""
+    ids = prompt[0].tolist()
+
+    def batched(rows: int) -> Callable[[], int]:
+        def run() -> int:
+            steps = decode_batch(model, [ids] * rows, [feats] * rows, special, gen)
+            return sum(len(s) for s in steps)
+
+        return run
+
+    contenders = {f"{b} row(s), batched decode": batched(b) for b in sizes}
+    load = os.getloadavg()[0]
+    seconds, tokens = dict.fromkeys(contenders, 0.0), dict.fromkeys(contenders, 0)
+    with torch.no_grad():
+        for fn in contenders.values():  # warm-up
+            fn()
+        for _ in range(args.rounds):
+            for name, fn in contenders.items():
+                start = time.perf_counter()
+                tokens[name] += fn()
+                seconds[name] += time.perf_counter() - start
+    rate = {name: tokens[name] / seconds[name] for name in contenders}
+    print(
+        f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens per row, {args.rounds} rounds, "
+        f"{torch.get_num_threads()} threads, linear weights {args.lm_weights}; "
+        f"load average before {load:.2f}, after {os.getloadavg()[0]:.2f}"
+    )
+    first = next(iter(contenders))
+    for name in contenders:
+        print(
+            f"{name:>28}: {rate[name]:7.1f} tokens/s  ({rate[name] / rate[first]:.2f}x {first.split(',')[0]})"
+        )
 
 
 if __name__ == "__main__":
