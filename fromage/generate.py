@@ -227,9 +227,13 @@ class BatchDecoder:
         handles of the rows that ended at this step: EOS, or their `max_new_tokens` reached)."""
         if not self.handles:
             return [], []
+        ended = [h for h in self.handles if self.rows[h].produced >= self.rows[h].config.max_new_tokens]
+        if ended:  # a budget of 0 tokens: nothing to decode
+            self._keep([h for h in self.handles if h not in ended])
+            if not self.handles:
+                return [], ended
         logits = self.model.full_logits(self.hidden)  # (B, V+1)
         chosen: list[tuple[int, int]] = []
-        ended: list[int] = []
         for i, handle in enumerate(self.handles):
             row = self.rows[handle]
             allow_ret = row.rets < row.config.max_rets and row.produced >= row.config.min_word_tokens
@@ -246,16 +250,16 @@ class BatchDecoder:
             return [], ended
         device = self.model.ret_embedding.device
         tokens = torch.tensor([[t] for _, t in chosen], device=device)  # (B, 1)
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
         out = self.model(
             tokens,
-            attention_mask=self.mask,
+            attention_mask=mask,
             position_ids=self.positions,
             cache=self.cache,
             use_cache=True,
             compute_logits=False,
         )
-        self.cache, self.positions = out.cache, self.positions + 1
+        self.cache, self.mask, self.positions = out.cache, mask, self.positions + 1
         self.hidden, ret_hidden = out.last_hidden[:, -1], out.ret_hidden[:, -1]
         steps = []
         for i, (handle, token) in enumerate(chosen):

@@ -402,7 +402,10 @@ class AnswerBatch:
             row.exclude |= {img.row for img in found}  # one image is not shown twice in an answer
             out.append((handle, found))
         for handle in ended:
-            row = self._rows.pop(handle)
+            ending_row = self._rows.pop(handle, None)
+            if ending_row is None:  # its stop string ended it at this very step
+                continue
+            row = ending_row
             rest = row.text.flush()
             if rest:
                 out.append((handle, rest))

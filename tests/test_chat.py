@@ -71,21 +71,6 @@ def test_cli_chat_reads_stdin_and_saves_html(bot, tmp_path, monkeypatch, capsys)
     assert out_html.read_text().count("data:image/png;base64,") >= 2
 
 
-def test_web_messages_show_text_images_and_retrieved_captions():
-    from fromage.apps.chat import Turn
-    from fromage.apps.webui import _messages
-
-    found = RetrievedImage("/x/apple.png", "red apple", 0.42, 7)
-    turns = [Turn("user", [Path("/x/cat.png"), "show me a red apple"]), Turn("assistant", [found, " ", "ok"])]
-    assert _messages(turns) == [
-        {"role": "user", "content": {"path": "/x/cat.png"}},
-        {"role": "user", "content": "show me a red apple"},
-        {"role": "assistant", "content": {"path": "/x/apple.png", "alt_text": "red apple"}},
-        {"role": "assistant", "content": "*red apple* · score 0.42"},
-        {"role": "assistant", "content": "ok"},
-    ]
-
-
 def test_default_memory_keeps_every_exchange_that_fits_the_context(bot, monkeypatch):  # noqa: F811
     fromage, _ = bot
     chat = Conversation(fromage, max_new_tokens=4)  # memory=-1, the default

@@ -273,3 +273,25 @@ def test_stream_batch_gives_each_row_what_stream_gives_it_alone(bot):
             assert got == [[i.row for i in p] for p in a if isinstance(p, list)]
         if "stop" not in kwargs:  # the [RET]-heavy settings retrieved in every row
             assert all(any(isinstance(p, list) for p in row) for row in batched)
+
+
+def test_a_stop_string_completed_by_the_last_allowed_token_ends_the_row_once(bot):
+    """The row's stop string and its token budget end it at the same step: one Ending ("stop")."""
+    from fromage.pipeline import Ending
+
+    fromage, _ = bot
+    kwargs = {"max_new_tokens": 6, "max_rets": 0, "temperature": 1.0}
+    seed, full = 0, ""
+    while len(full) <= 2:  # a seed whose sample has some text (the tiny LM often stops at once)
+        seed += 1
+        answer, _ = fromage.complete(["a red"], seed=seed, **kwargs)
+        full = "".join(p for p in answer if isinstance(p, str))
+    _, stopped = fromage.complete(["a red"], seed=seed, stop=(full,), **kwargs)
+    assert stopped.reason == "stop"
+    # The budget is exactly the tokens that complete the stop string.
+    kwargs["max_new_tokens"] = stopped.tokens
+    events = list(fromage.stream_batch([["a red"], ["blue"]], [seed, seed], stop=(full,), **kwargs))
+    endings = [(row, p) for row, p in events if isinstance(p, Ending)]
+    assert sorted(row for row, _ in endings) == [0, 1]
+    assert dict(endings)[0] == Ending("stop", stopped.tokens)
+    assert "".join(p for row, p in events if row == 0 and isinstance(p, str)) == ""

@@ -62,18 +62,28 @@ class Conversation:
         self.generation = {**generation, "stop": (*stop, "\n")}
 
     def prompt(self, user: list[str | Path | Image.Image]) -> list[PromptItem]:
-        """The conversation so far plus the new user items, as one prompt."""
-        exchanges = len(self.turns) // 2 if self.memory == -1 else min(self.memory, len(self.turns) // 2)
+        """The conversation so far plus the new user items, as one prompt: the turns `memory`
+        allows, newest first, as long as they fit the LM's context with the new message and
+        the answer (token counts add up item by item: each piece is tokenised on its own)."""
+        new = Turn("user", list(user))
+        if self.memory == 0:
+            return _joined([new])
+        history = self.turns if self.memory == -1 else self.turns[-2 * self.memory :]
         limit = self.bot.max_positions
-        while True:
-            history = self.turns[len(self.turns) - 2 * exchanges :] if exchanges else []
-            items = _joined([*history, Turn("user", list(user))])
-            if not exchanges or limit is None:
-                return items
-            budget = limit - int(self.generation.get("max_new_tokens", ChatConfig.max_new_tokens))
-            if self.bot.count_tokens(items) <= budget:
-                return items
-            exchanges -= 1  # the oldest exchange does not fit: drop it
+        if limit is None:
+            return _joined([*history, new])
+        answer = int(self.generation.get("max_new_tokens", self.bot.generation.max_new_tokens))
+        budget = limit - answer - self.bot.count_tokens(_joined([new]))
+        newline = self.bot.count_tokens(["\n"]) - 1  # the separator before each turn ([BOS] aside)
+        kept = 0
+        for turn in reversed(history):
+            budget -= self.bot.count_tokens(turn.items) - 1 + newline if turn.items else newline
+            if budget < 0:
+                break
+            kept += 1
+        while kept and history[len(history) - kept].role == "assistant":
+            kept -= 1  # an answer without its question does not start the prompt
+        return _joined([*history[len(history) - kept :], new])
 
     def ask(self, user: list[str | Path | Image.Image]) -> Iterator[str | list[RetrievedImage]]:
         """Stream the answer to one user turn; the turn and the answer join the history once

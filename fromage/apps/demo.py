@@ -21,6 +21,7 @@ trained them; the turns are then part of the conversation every later prompt rea
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -216,7 +217,7 @@ def run_demo(
     # 8. A real photo: shown only if what the model says about it is true.
     photo = skimage_photo("chelsea")
     caption = s.bot.caption(photo, min_new_tokens=1)
-    true = any(w in caption.lower().split() for w in PHOTO_WORDS)
+    true = any(w in re.findall(r"[a-z]+", caption.lower()) for w in PHOTO_WORDS)
     if true:
         s.said([photo, "What is this?"], caption)
     else:

@@ -34,6 +34,8 @@ DEFAULTS = ChatConfig()
 """The settings panel starts at the chat's defaults."""
 _SCORE_LINE = re.compile(r"^\*.*\* · score -?\d+\.\d+$")
 """The caption line shown under a retrieved image: display only, never read back as text."""
+NO_ANSWER = "(no answer)"
+"""Shown when the model answered nothing; not read back as its answer."""
 
 
 class ExportFolder:
@@ -42,17 +44,22 @@ class ExportFolder:
     def __init__(self, root: Path | None = None):
         self.root = Path(root or tempfile.mkdtemp(prefix="fromage-web-"))
         self.root.mkdir(parents=True, exist_ok=True)
+        self._copies: dict[str, Path] = {}  # source → its copy (an answer re-renders per piece)
 
     def add(self, source: str | Path) -> Path:
         """A copy of a file or a shard member (`shard.tar#member`), named by its SHA-1."""
+        known = self._copies.get(str(source))
+        if known is not None and known.exists():
+            return known
         member = split_tar_ref(source)
         data = read_member(*member) if member else Path(source).read_bytes()
         name = member[1] if member else str(source)
         dest = self.root / f"{hashlib.sha1(data).hexdigest()}{Path(name).suffix.lower() or '.png'}"
         if not dest.exists():
-            tmp = dest.with_suffix(dest.suffix + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(dest)
+            with tempfile.NamedTemporaryFile(dir=self.root, suffix=".tmp", delete=False) as tmp:
+                tmp.write(data)
+            Path(tmp.name).replace(dest)
+        self._copies[str(source)] = dest
         return dest
 
 
@@ -95,7 +102,7 @@ def history_turns(history: list[dict[str, Any]]) -> list[Turn]:
                 continue
             else:
                 continue
-            if text.strip() and not _SCORE_LINE.match(text.strip()):
+            if text.strip() and text.strip() != NO_ANSWER and not _SCORE_LINE.match(text.strip()):
                 items.append(text)
         role = message.get("role", "user")
         if turns and turns[-1].role == role:
@@ -136,7 +143,7 @@ def build_ui(bot: Fromage, export: ExportFolder, examples: list[tuple[str, list[
         except ValueError as error:  # e.g. an unreadable image: say so, keep the chat
             raise gr.Error(str(error)) from None
         if not answer:
-            yield [{"role": "assistant", "content": "(no answer)"}]
+            yield [{"role": "assistant", "content": NO_ANSWER}]
 
     images = DEFAULTS.images_per_ret if DEFAULTS.max_rets else 0
     controls: list[str | gr.components.Component] = [

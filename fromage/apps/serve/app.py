@@ -213,6 +213,13 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
             raise ApiError(400, f"max_tokens is {max_tokens}, limit {config.max_tokens_limit}")
         prompt = prompt_of(body.messages)
         prompt_tokens = check_prompt(prompt)
+        if bot.max_positions is not None and prompt_tokens + max_tokens > bot.max_positions:
+            raise ApiError(
+                400,
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) is more than the "
+                f"model's context of {bot.max_positions}",
+                param="max_tokens",
+            )
         settings: dict[str, Any] = {
             "max_new_tokens": max_tokens,
             "temperature": body.temperature,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +77,7 @@ class ChatScheduler:
             except Exception as error:  # every row of the failed step hears of it; a new batch starts
                 log.exception("chat decoding step failed")
                 for job in jobs.values():
-                    job.emit(error)
+                    _hand_over(job, error)
                 batch, jobs = AnswerBatch(self.bot), {}
                 continue
             self.steps += 1
@@ -85,9 +86,12 @@ class ChatScheduler:
                 listener = jobs.get(handle)
                 if listener is None:
                     continue
-                listener.emit(piece)
-                if isinstance(piece, Ending):
+                if not _hand_over(listener, piece):
+                    batch.cancel(handle)  # its response is gone: stop decoding it
                     del jobs[handle]
+                elif isinstance(piece, Ending):
+                    del jobs[handle]
+            time.sleep(0)  # let a thread waiting for the model lock (retrieve, caption) take it
 
     def _admit(self, batch: AnswerBatch, jobs: dict[int, ChatJob], job: ChatJob) -> None:
         if job.cancelled.is_set():
@@ -96,6 +100,18 @@ class ChatScheduler:
             with self.lock:
                 (handle,) = batch.add([job.prompt], [job.seed], **job.settings)
         except Exception as error:  # this request's prompt failed; the batch goes on
-            job.emit(error)
+            _hand_over(job, error)
             return
         jobs[handle] = job
+
+
+def _hand_over(job: ChatJob, piece: Any) -> bool:
+    """Give a piece to its request; False when the request can no longer take it (its event
+    loop closed): the worker must outlive any one response."""
+    try:
+        job.emit(piece)
+    except Exception:
+        log.warning("a chat response could not take its next piece; dropping it", exc_info=True)
+        job.cancel()
+        return False
+    return True
