@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import TrainConfig, apply_overrides, field_docs, load_json
+from .config import ChatConfig, TrainConfig, apply_overrides, field_docs, load_json
 
 
 def add_setting_flags(
@@ -232,7 +232,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive dialogue on stdin: `@path` attaches an image; /save FILE, /reset, /quit."""
     from .apps.chat import run_terminal
-    from .config import ChatConfig
     from .pipeline import Fromage
 
     bot = Fromage.from_pretrained(_model(args), index=args.index, device=args.device)
@@ -241,9 +240,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .apps.demo import run_demo
+    from .apps.demo import CHAT, run_demo
 
-    report = run_demo(_model(args), args.index, args.save)
+    report = run_demo(_model(args), args.index, args.save, chat=dataclasses.replace(CHAT, memory=args.memory))
     return 0 if report.passed == len(report.checks) or not args.check else 1
 
 
@@ -329,7 +328,7 @@ def _settings_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ChatConfig, ServeConfig
+    from .config import ServeConfig
 
     # No prefix abbreviations: `--max-images` must not silently mean `--max-images-per-request`.
     parser = argparse.ArgumentParser(
@@ -506,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the HTML transcript",
     )
     p.add_argument("--check", action="store_true", help="exit 1 unless every check passes")
+    p.add_argument(
+        "--memory",
+        type=int,
+        default=ChatConfig.memory,
+        help="earlier exchanges in each prompt (-1: all that fit; default: the chat's default)",
+    )
     return parser
 
 

@@ -2,10 +2,11 @@
 
 Each turn's prompt is the earlier exchanges (user items, the model's answers and the images it
 retrieved, fed back as images) and then the new message, separated by newlines: the last
-`memory` exchanges, or with `memory=-1` (the default) every exchange that fits the LM's context
-together with the answer; the oldest go first. The ship recipe trains `[RET]` on requests after
-earlier turns (training/tasks.py), so a request reads in context. Images already shown in the
-conversation are never retrieved again. Answers end at a newline.
+`memory` exchanges, or with `memory=-1` every exchange that fits the LM's context together with
+the answer; the oldest go first. The ship recipe trains `[RET]` on requests after earlier turns
+(training/tasks.py), but the shipped model still retrieves worse after them, so `memory`
+defaults to 0 (`ChatConfig` gives the figures). Images already shown in the conversation are
+never retrieved again. Answers end at a newline.
 
 `ChatConfig` holds every setting of a conversation with its one default; the terminal chat
 (`fromage chat`, `run_terminal`), the web demo and the scripted demo all start from it. The

@@ -146,6 +146,13 @@ def build_ui(bot: Fromage, export: ExportFolder, examples: list[tuple[str, list[
             yield [{"role": "assistant", "content": NO_ANSWER}]
 
     images = DEFAULTS.images_per_ret if DEFAULTS.max_rets else 0
+    defaults = [
+        DEFAULTS.ret_scale_factor,
+        images,
+        DEFAULTS.max_new_tokens,
+        DEFAULTS.temperature,
+        DEFAULTS.top_p,
+    ]
     controls: list[str | gr.components.Component] = [
         gr.Slider(
             0.0,
@@ -175,7 +182,10 @@ def build_ui(bot: Fromage, export: ExportFolder, examples: list[tuple[str, list[
             textbox=textbox,
             additional_inputs=controls,
             additional_inputs_accordion=gr.Accordion("Settings", open=False),
-            examples=[MultimodalValue(text=t, files=f) for t, f in examples] if examples else None,
+            # With additional inputs, an example is a row: the message, then each setting's value.
+            examples=[[MultimodalValue(text=t, files=f), *defaults] for t, f in examples]
+            if examples
+            else None,
             cache_examples=False,
             title="fromage: a frozen LM that reads images and answers with retrieved ones",
             stop_btn=True,
