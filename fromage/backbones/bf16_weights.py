@@ -6,8 +6,13 @@ frozen weights in bfloat16 halves the bytes; on CPUs without native bf16 matmul 
 bf16 product of a few rows is still ~2.5× faster than float32, while a bf16 product of many
 rows is *slower* than float32. So the layer picks per call:
 
-- ≤ `max_rows` rows (decode steps): bf16 × bf16 with float32 accumulation, result to float32;
+- ≤ `max_rows` rows (decode steps, up to 32 rows decoded together): bf16 × bf16 with float32
+  accumulation, result to float32;
 - more rows (prefill, training-free scoring): the weight is upcast and the product is float32.
+
+Measured 2026-12-01 (torch 2.13, 2 cores, a 1536×576 weight): the bf16 product takes 113 µs at
+1 row, 144 µs at 16 and 152 µs at 32, against 262, 410 and 501 µs upcast, so batched decoding
+(`BatchDecoder`) stays on the bf16 path up to 32 rows.
 
 Everything else (norms, attention, residual stream) keeps the model's float32. The only change
 from a float32 model is rounding: weights to bf16 everywhere, and on the few-row path the
@@ -22,7 +27,7 @@ from torch import nn
 
 
 class BF16WeightLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, max_rows: int = 8):
+    def __init__(self, linear: nn.Linear, max_rows: int = 32):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -44,7 +49,7 @@ class BF16WeightLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=bfloat16"
 
 
-def store_linear_weights_bf16(module: nn.Module, max_rows: int = 8) -> int:
+def store_linear_weights_bf16(module: nn.Module, max_rows: int = 32) -> int:
     """Replace every `nn.Linear` under `module` (in place) by a `BF16WeightLinear`; returns how
     many were replaced. Tied weights are copied: an embedding that shares the output head's
     weight keeps its own float32 copy."""

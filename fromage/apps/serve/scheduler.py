@@ -59,13 +59,13 @@ class ChatScheduler:
         batch = AnswerBatch(self.bot)
         jobs: dict[int, ChatJob] = {}
         while True:
-            if not jobs:  # idle: wait for a request
-                self._admit(batch, jobs, self.pending.get())
-            while len(jobs) < self.max_batch:
+            waiting = [] if jobs else [self.pending.get()]  # idle: wait for a request
+            while len(jobs) + len(waiting) < self.max_batch:
                 try:
-                    self._admit(batch, jobs, self.pending.get_nowait())
+                    waiting.append(self.pending.get_nowait())
                 except queue.Empty:
                     break
+            self._admit(batch, jobs, waiting)
             for handle in [h for h, job in jobs.items() if job.cancelled.is_set()]:
                 batch.cancel(handle)
                 del jobs[handle]
@@ -93,16 +93,30 @@ class ChatScheduler:
                     del jobs[handle]
             time.sleep(0)  # let a thread waiting for the model lock (retrieve, caption) take it
 
-    def _admit(self, batch: AnswerBatch, jobs: dict[int, ChatJob], job: ChatJob) -> None:
-        if job.cancelled.is_set():
-            return
-        try:
-            with self.lock:
-                (handle,) = batch.add([job.prompt], [job.seed], **job.settings)
-        except Exception as error:  # this request's prompt failed; the batch goes on
-            _hand_over(job, error)
-            return
-        jobs[handle] = job
+    def _admit(self, batch: AnswerBatch, jobs: dict[int, ChatJob], waiting: list[ChatJob]) -> None:
+        """Prefill the waiting requests, those with the same settings in one forward."""
+        groups: dict[str, list[ChatJob]] = {}
+        for job in waiting:
+            if not job.cancelled.is_set():
+                groups.setdefault(repr(sorted(job.settings.items())), []).append(job)
+        for group in groups.values():
+            try:
+                with self.lock:
+                    handles = batch.add(
+                        [j.prompt for j in group], [j.seed for j in group], **group[0].settings
+                    )
+            except Exception:  # one bad prompt must not fail the others: admit them one by one
+                handles = []
+                for job in group:
+                    try:
+                        with self.lock:
+                            handles += batch.add([job.prompt], [job.seed], **job.settings)
+                    except Exception as error:
+                        _hand_over(job, error)
+                        handles.append(-1)
+            for handle, job in zip(handles, group, strict=True):
+                if handle >= 0:
+                    jobs[handle] = job
 
 
 def _hand_over(job: ChatJob, piece: Any) -> bool:
