@@ -114,17 +114,7 @@ def main() -> None:
         contenders["interleaved, full recomputation, fp32 weights"] = lambda: len(
             list(decode(fp32, interleaved, feats, special, gen, use_cache=False))
         )
-    seconds = dict.fromkeys(contenders, 0.0)
-    tokens = dict.fromkeys(contenders, 0)
-    with torch.no_grad():
-        for fn in contenders.values():  # warm-up
-            fn()
-        for _ in range(args.rounds):
-            for name, fn in contenders.items():
-                start = time.perf_counter()
-                tokens[name] += fn()
-                seconds[name] += time.perf_counter() - start
-    rate = {name: tokens[name] / seconds[name] for name in contenders}
+    rate = tokens_per_second(contenders, args.rounds)
     print(
         f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, {args.rounds} rounds, "
         f"{torch.get_num_threads()} threads, LM {args.dtype}, linear weights {args.lm_weights}"
@@ -136,6 +126,21 @@ def main() -> None:
     print(f"decode / transformers generate (text-only): {rate[names[2]] / rate[names[3]]:.2f}x")
     if len(names) > 4:
         print(f"KV cache / fp32-weight recomputation: {rate[names[0]] / rate[names[4]]:.2f}x")
+
+
+def tokens_per_second(contenders: dict[str, Callable[[], int]], rounds: int) -> dict[str, float]:
+    """A warm-up call each, then `rounds` rounds that interleave the contenders (machine noise
+    hits all alike); each call returns the tokens it produced."""
+    seconds, tokens = dict.fromkeys(contenders, 0.0), dict.fromkeys(contenders, 0)
+    with torch.no_grad():
+        for fn in contenders.values():
+            fn()
+        for _ in range(rounds):
+            for name, fn in contenders.items():
+                start = time.perf_counter()
+                tokens[name] += fn()
+                seconds[name] += time.perf_counter() - start
+    return {name: tokens[name] / seconds[name] for name in contenders}
 
 
 def run_batches(model, prompt, feats, special, gen, sizes: list[int], args) -> None:
@@ -151,16 +156,7 @@ def run_batches(model, prompt, feats, special, gen, sizes: list[int], args) -> N
 
     contenders = {f"{b} row(s), batched decode": batched(b) for b in sizes}
     load = os.getloadavg()[0]
-    seconds, tokens = dict.fromkeys(contenders, 0.0), dict.fromkeys(contenders, 0)
-    with torch.no_grad():
-        for fn in contenders.values():  # warm-up
-            fn()
-        for _ in range(args.rounds):
-            for name, fn in contenders.items():
-                start = time.perf_counter()
-                tokens[name] += fn()
-                seconds[name] += time.perf_counter() - start
-    rate = {name: tokens[name] / seconds[name] for name in contenders}
+    rate = tokens_per_second(contenders, args.rounds)
     print(
         f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens per row, {args.rounds} rounds, "
         f"{torch.get_num_threads()} threads, linear weights {args.lm_weights}; "

@@ -274,13 +274,7 @@ class Fromage:
                 piece = next(pieces)
             except StopIteration as end:
                 return out, end.value
-            if isinstance(piece, str):
-                if out and isinstance(out[-1], str):
-                    out[-1] += piece
-                else:
-                    out.append(piece)
-            else:
-                out.extend(piece)
+            add_piece(out, piece)
 
     def generate_batch(
         self, prompts: Sequence[Sequence[PromptItem]], seed: int | None = None, **overrides: Any
@@ -291,15 +285,7 @@ class Fromage:
         for row, piece in self.stream_batch(prompts, [seed] * len(prompts), **overrides):
             if isinstance(piece, Ending):
                 continue
-            answer = out[row]
-            if isinstance(piece, str):
-                last = answer[-1] if answer else None
-                if isinstance(last, str):
-                    answer[-1] = last + piece
-                else:
-                    answer.append(piece)
-            else:
-                answer.extend(piece)
+            add_piece(out[row], piece)
         return out
 
     @torch.no_grad()
@@ -450,6 +436,16 @@ class _AnswerText:
         rest = text[len(self.shown) :]
         self.pending, self.shown = [], ""
         return rest
+
+
+def add_piece(answer: list[Any], piece: str | list[RetrievedImage]) -> None:
+    """Grow an answer by one streamed piece: text joins the text before it, images follow."""
+    if isinstance(piece, str) and answer and isinstance(answer[-1], str):
+        answer[-1] += piece
+    elif isinstance(piece, str):
+        answer.append(piece)
+    else:
+        answer.extend(piece)
 
 
 def split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

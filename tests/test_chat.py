@@ -71,9 +71,9 @@ def test_cli_chat_reads_stdin_and_saves_html(bot, tmp_path, monkeypatch, capsys)
     assert out_html.read_text().count("data:image/png;base64,") >= 2
 
 
-def test_default_memory_keeps_every_exchange_that_fits_the_context(bot, monkeypatch):  # noqa: F811
+def test_memory_minus_one_keeps_every_exchange_that_fits_the_context(bot, monkeypatch):  # noqa: F811
     fromage, _ = bot
-    chat = Conversation(fromage, max_new_tokens=4)  # memory=-1, the default
+    chat = Conversation(fromage, memory=-1, max_new_tokens=4)
     for i in range(3):
         chat.add("user", [f"question {i}"])
         chat.add("assistant", [f"answer {i}"])

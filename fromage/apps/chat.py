@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..config import ChatConfig
 from ..data.images import ImageError
-from ..pipeline import Fromage, PromptItem, RetrievedImage
+from ..pipeline import Fromage, PromptItem, RetrievedImage, add_piece
 from .transcript import Item, Turn, save_html
 
 _ATTACH = re.compile(r'@"([^"]+)"|@(\S+)')
@@ -94,14 +94,7 @@ class Conversation:
         answer: list[Item] = []
         shown = {i.row for t in self.turns for i in t.items if isinstance(i, RetrievedImage)}
         for piece in self.bot.stream(self.prompt(user), exclude=shown, **self.generation):
-            if isinstance(piece, str):
-                last = answer[-1] if answer else None
-                if isinstance(last, str):
-                    answer[-1] = last + piece
-                else:
-                    answer.append(piece)
-            else:
-                answer.extend(piece)
+            add_piece(answer, piece)
             yield piece
         self.turns += [Turn("user", list(user)), Turn("assistant", answer)]
 

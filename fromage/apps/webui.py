@@ -26,7 +26,7 @@ from gradio.components.multimodal_textbox import MultimodalValue
 
 from ..config import ChatConfig
 from ..data.shards import read_member, split_tar_ref
-from ..pipeline import Fromage, RetrievedImage
+from ..pipeline import Fromage, RetrievedImage, add_piece
 from .chat import Conversation, Turn
 from .transcript import save_html
 
@@ -133,12 +133,7 @@ def build_ui(bot: Fromage, export: ExportFolder, examples: list[tuple[str, list[
         answer: list[Any] = []
         try:
             for piece in chat.ask(items):
-                if isinstance(piece, str) and answer and isinstance(answer[-1], str):
-                    answer[-1] += piece
-                elif isinstance(piece, str):
-                    answer.append(piece)
-                else:
-                    answer.extend(piece)
+                add_piece(answer, piece)
                 yield answer_messages(answer, export)
         except ValueError as error:  # e.g. an unreadable image: say so, keep the chat
             raise gr.Error(str(error)) from None
