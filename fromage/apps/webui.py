@@ -169,6 +169,7 @@ def build_ui(bot: Fromage, export: ExportFolder, examples: list[tuple[str, list[
         placeholder="Type a message, attach images (e.g. 'show me a red apple')",
         show_label=False,
     )
+    settings = gr.Accordion("Settings", open=False)
     with gr.Blocks(title="fromage") as ui:
         chat = gr.ChatInterface(
             respond,
@@ -176,7 +177,7 @@ def build_ui(bot: Fromage, export: ExportFolder, examples: list[tuple[str, list[
             chatbot=chatbot,
             textbox=textbox,
             additional_inputs=controls,
-            additional_inputs_accordion=gr.Accordion("Settings", open=False),
+            additional_inputs_accordion=settings,
             # With additional inputs, an example is a row: the message, then each setting's value.
             examples=[[MultimodalValue(text=t, files=f), *defaults] for t, f in examples]
             if examples
