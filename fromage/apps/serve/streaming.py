@@ -27,10 +27,7 @@ class AsyncPieces:
     async def __aiter__(self) -> AsyncIterator[Any]:
         while True:
             piece = await self._queue.get()
-            if isinstance(piece, BaseException):
-                raise piece
-            if isinstance(piece, Ending):
-                self.ending = piece
+            if not _goes_on(piece, self):
                 return
             yield piece
 
@@ -46,12 +43,19 @@ class BlockingPieces:
     def __iter__(self) -> Iterator[Any]:
         while True:
             piece = self._queue.get()
-            if isinstance(piece, BaseException):
-                raise piece
-            if isinstance(piece, Ending):
-                self.ending = piece
+            if not _goes_on(piece, self):
                 return
             yield piece
+
+
+def _goes_on(piece: Any, pieces: AsyncPieces | BlockingPieces) -> bool:
+    """False at the answer's `Ending` (kept on `pieces`); raises the error that ended it."""
+    if isinstance(piece, BaseException):
+        raise piece
+    if isinstance(piece, Ending):
+        pieces.ending = piece
+        return False
+    return True
 
 
 def stream_error(error: Exception) -> dict[str, Any]:
