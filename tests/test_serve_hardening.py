@@ -16,29 +16,26 @@ from .test_serve_slow_client import _read_response
 from .test_train import tiny_world  # noqa: F401  (fixture)
 
 PIECE_DELAY_S = 0.05
-"""Decoding slowed to 20 pieces/s, so that a stream is still decoding when its client leaves."""
+"""Decoding slowed to 20 steps/s, so that a stream is still decoding when its client leaves."""
 
 
 @pytest.fixture(scope="module")
 def server(bot):  # noqa: F811
-    fromage, _ = bot
-    real_stream = fromage.stream
+    from fromage.pipeline import AnswerBatch
 
-    def slow_stream(*args, **kwargs):
-        pieces = real_stream(*args, **kwargs)
-        while True:
-            try:
-                piece = next(pieces)
-            except StopIteration as end:
-                return end.value  # how the answer ended
-            time.sleep(PIECE_DELAY_S)
-            yield piece
+    fromage, _ = bot
+    real_step = AnswerBatch.step
+
+    def slow_step(self):
+        time.sleep(PIECE_DELAY_S)
+        return real_step(self)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    fromage.stream = slow_stream
-    app = create_app(fromage, ServeConfig(max_tokens_limit=256))
+    AnswerBatch.step = slow_step  # type: ignore[method-assign]
+    # One chat at a time: a stream that kept decoding would hold the next request back.
+    app = create_app(fromage, ServeConfig(max_tokens_limit=256, chat_batch_size=1))
     instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
@@ -52,7 +49,7 @@ def server(bot):  # noqa: F811
     finally:
         instance.should_exit = True
         thread.join(timeout=30)
-        fromage.stream = real_stream
+        AnswerBatch.step = real_step  # type: ignore[method-assign]
 
 
 def test_an_abandoned_stream_frees_the_model_within_a_second(server):
@@ -67,7 +64,7 @@ def test_an_abandoned_stream_frees_the_model_within_a_second(server):
     message = [{"role": "user", "content": "tell me a story"}]
     no_images = {"max_images": 0, "ret_scale_factor": 0.0}
     stream = client.chat.completions.create(
-        model="fromage", messages=message, max_tokens=200, stream=True, extra_body=no_images
+        model="fromage", messages=message, max_tokens=100, stream=True, extra_body=no_images
     )
     pieces = iter(stream)
     next(pieces), next(pieces)
@@ -79,7 +76,7 @@ def test_an_abandoned_stream_frees_the_model_within_a_second(server):
     )
     waited = time.monotonic() - start
     assert reply.choices[0].message is not None
-    # 200 slowed pieces would take 10 s; a freed lock leaves this request its own 2 pieces.
+    # 100 slowed steps would take 5 s; a dropped stream leaves this request its own 2 steps.
     assert waited < 1.0 + 2 * PIECE_DELAY_S + 0.5, waited
 
 
