@@ -128,7 +128,7 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
         """Refuse empty or too long prompts; returns the prompt's length in tokens."""
         if not any((isinstance(p, str) and p.strip()) or isinstance(p, Image.Image) for p in prompt):
             raise ApiError(400, "the prompt has no text and no image")
-        tokens = len(bot.encode(prompt).input_ids[0])
+        tokens = bot.count_tokens(prompt)  # the images are encoded once, when the prompt is decoded
         if tokens > config.max_prompt_tokens:
             raise ApiError(400, f"prompt is {tokens} tokens, limit {config.max_prompt_tokens}")
         return tokens
