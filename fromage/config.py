@@ -145,6 +145,14 @@ class DataConfig:
     budget cannot afford it (BENCHMARKS.md, "Dialogue recipe"); try 4."""
     qa_caption_share: float = 0.5
     """Share of captioning samples of such images that read a dialogue instead of the caption."""
+    qa_caption_rounds: int = 1
+    """Rounds per such dialogue, at most (1..rounds drawn): earlier rounds are context, as in
+    answer selection (evaluate/offline.py)."""
+    qa_answer_only: bool = True
+    """The captioning pass predicts only a dialogue's last answer; its questions and earlier
+    rounds are context, as a user's question is at inference. False predicts the whole text
+    (the ship recipe's first stage): the model then learned to write `Q: …` after an image, and
+    greedy easy-VQA captions were questions 4 times in 10 (BENCHMARKS.md, "The shipped model")."""
     qa_retrieval_forms: int = 0
     """Dialogues per such image whose answers determine it, added to retrieval refinement
     (dialogue → image retrieval); each costs one LM pass over ~40 tokens, once. 0 (the
@@ -163,6 +171,8 @@ class DataConfig:
         for name in ("qa_caption_forms", "qa_retrieval_forms"):
             if not 0 <= getattr(self, name) <= 16:
                 raise ValueError(f"{name} must be in 0..16, got {getattr(self, name)}")
+        if not 1 <= self.qa_caption_rounds <= 8:
+            raise ValueError(f"qa_caption_rounds must be in 1..8, got {self.qa_caption_rounds}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if not 0.0 <= self.heldout_concept_fraction < 1.0:
@@ -291,6 +301,10 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = True
     """Continue from `output_dir/train_state` when it exists."""
+    init_from: str = ""
+    """A checkpoint whose trained tensors (maps, `[RET]`, statistics) this run starts from, with
+    its own schedule and mix (the ship recipe's second stage continues the first); its model
+    config must be this run's. A run that resumes its own state ignores it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):

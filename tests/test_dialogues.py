@@ -108,17 +108,39 @@ def test_captioning_pass_reads_questions_at_the_configured_share():
 
     texts = [[1], [2], [3]]
     forms = [[[10], [11]], [], [[30]]]
+    context = [[5, 6], [], [7]]
     generator = torch.Generator().manual_seed(0)
     idx = [0, 1, 2] * 200
-    never = pick_caption_texts(texts, forms, idx, 0.0, generator)
-    assert never == [texts[i] for i in idx]
-    always = pick_caption_texts(texts, forms, idx, 1.0, generator)
+    never, skip = pick_caption_texts(texts, forms, idx, 0.0, generator, context)
+    assert never == [texts[i] for i in idx] and skip == [0] * len(idx)
+    always, skip = pick_caption_texts(texts, forms, idx, 1.0, generator, context)
     assert all(t in forms[i] for t, i in zip(always, idx, strict=True) if forms[i])
     assert [t for t, i in zip(always, idx, strict=True) if i == 1] == [[2]] * 200  # no forms: caption
     assert {tuple(t) for t, i in zip(always, idx, strict=True) if i == 0} == {(10,), (11,)}
-    half = pick_caption_texts(texts, forms, idx, 0.5, generator)
+    # Each dialogue comes with its own context length; captions have none.
+    expected = {10: 5, 11: 6, 30: 7, 2: 0}
+    assert all(n == expected[t[0]] for t, n in zip(always, skip, strict=True))
+    half, _ = pick_caption_texts(texts, forms, idx, 0.5, generator)
     share = sum(t != texts[i] for t, i in zip(half, idx, strict=True) if i == 2) / 200
     assert 0.35 < share < 0.65
+
+
+def test_answer_only_dialogues_predict_the_last_answer_as_a_prompt_tokenises_it():
+    from fromage.backbones import load_tokenizer
+    from fromage.config import LMConfig
+    from fromage.data.dialogues import Dialogue
+    from fromage.training.texts import _dialogue_ids
+
+    tokenizer = load_tokenizer(LMConfig())
+    d = Dialogue((("what color is the shape?", "red"), ("is there a circle?", "no")))
+    (ids,), (n,) = _dialogue_ids(tokenizer, [d], True, 64)
+    prompt = "Q: what color is the shape? A: red. Q: is there a circle? A:"
+    assert ids[:n] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[n:]) == " no."
+    whole, none = _dialogue_ids(tokenizer, [d], False, 64)
+    assert none == [0] and tokenizer.decode(whole[0]) == d.text()
+    (cut,), (m,) = _dialogue_ids(tokenizer, [d], True, 8)  # the context is cut from the left
+    assert cut[m:] == ids[n:] and cut[:m] == ids[n - 8 : n]
 
 
 def test_refinement_reads_dialogues_for_images_with_questions_and_requests_otherwise():

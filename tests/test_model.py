@@ -123,6 +123,13 @@ def test_caption_batch_layout_and_interleaving(special):
         2,
     ]
     assert packed.image_order == [0, 1, 2]
+    # A question before its answer is read, not predicted: caption 2's first two tokens.
+    asked = caption_batch(texts, 2, special, interleave=True, context=[0, 1, 2])
+    assert asked.input_ids.tolist() == packed.input_ids.tolist()
+    assert asked.labels[0].tolist() == [IGNORE_INDEX] * 3 + [5, 6, 2] + [IGNORE_INDEX] * 4 + [2]
+    assert asked.labels[1].tolist()[: 2 + 1 + 3 + 1] == [IGNORE_INDEX] * 5 + [10, 2]
+    with pytest.raises(ValueError, match="2 context lengths for 3 captions"):
+        caption_batch(texts, 2, special, context=[0, 1])
 
 
 def test_ret_rescale_keeps_mean_frozen_norm():

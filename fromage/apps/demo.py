@@ -31,7 +31,7 @@ from pathlib import Path
 from ..checkpoint import SHIPPED
 from ..config import ChatConfig
 from ..data.builtin import easyvqa_images, emoji_concepts, emoji_dir
-from ..data.dialogues import format_rounds
+from ..data.dialogues import ask, format_rounds
 from ..paths import home as fromage_home
 from ..pipeline import Fromage, RetrievedImage
 from .chat import Conversation, Turn
@@ -183,7 +183,7 @@ def run_demo(
     # 3. A question about an image.
     asked = vqa[1]
     question = "what shape is in the image?"
-    prompt = [Path(asked.image), f"Q: {question} A:"]
+    prompt = [Path(asked.image), ask(question)]
     pieces, _ = s.bot.complete(prompt, max_new_tokens=4, max_rets=0, stop=("\n", ".", "Q:"))
     answer = "".join(p for p in pieces if isinstance(p, str)).strip()
     s.said(prompt, answer)

@@ -28,8 +28,13 @@ def caption_batch(
     k: int,
     special: SpecialTokens,
     interleave: bool = False,
+    context: Sequence[int] | None = None,
 ) -> CaptionBatch:
-    """Rows of `[img][BOS] caption [EOS]`; with `interleave`, consecutive pairs share a row."""
+    """Rows of `[img][BOS] caption [EOS]`; with `interleave`, consecutive pairs share a row.
+    `context[i]` leading tokens of caption i are read but not predicted (a question before its
+    answer); none by default."""
+    if context is not None and len(context) != len(captions):
+        raise ValueError(f"{len(context)} context lengths for {len(captions)} captions")
     groups = [[i, i + 1] for i in range(0, len(captions) - 1, 2)] if interleave else []
     if interleave and len(captions) % 2:
         groups.append([len(captions) - 1])
@@ -44,8 +49,10 @@ def caption_batch(
         for i in group:
             text = [special.bos, *captions[i], special.eos]
             ids += [IMAGE_TOKEN_ID] * k + text
-            # BOS is context, not a target; every caption token and EOS is predicted.
-            labels += [IGNORE_INDEX] * (k + 1) + text[1:]
+            # BOS is context, not a target; every caption token (past the context) and EOS is
+            # predicted.
+            skip = 1 + (context[i] if context is not None else 0)
+            labels += [IGNORE_INDEX] * (k + skip) + text[skip:]
             order.append(i)
         rows.append(ids)
         row_labels.append(labels)

@@ -28,10 +28,20 @@ class Dialogue:
 
 def format_round(question: str, answer: str) -> str:
     """One round as VisDial queries write it: `Q: what color is the shape? A: red.`"""
+    return ask(question) + answer_text(answer)
+
+
+def ask(question: str) -> str:
+    """A round up to its answer, `Q: what color is the shape? A:` (what answer selection reads)."""
     question = question.strip()
     if not question.endswith("?"):
         question += "?"
-    return f"Q: {question} A: {answer.strip()}."
+    return f"Q: {question} A:"
+
+
+def answer_text(answer: str) -> str:
+    """The rest of a round after `ask`: ` red.`"""
+    return f" {answer.strip()}."
 
 
 def format_rounds(rounds: Sequence[Round]) -> str:

@@ -42,7 +42,7 @@ from ..data.builtin import (
     is_heldout,
     is_story_training_family,
 )
-from ..data.dialogues import determining_dialogue, format_rounds
+from ..data.dialogues import ask, determining_dialogue, format_rounds
 from ..data.examples import Example
 from ..data.requests import held_out_request, request_forms
 from ..metrics import mean_reciprocal_rank, recall_at_k
@@ -208,7 +208,7 @@ def answer_selection(ev: Evaluator, s: OfflineSettings) -> tuple[TaskResult, lis
         rng.shuffle(rounds)
         rounds = rounds[: s.answer_rounds]
         for r, (question, answer) in enumerate(rounds):
-            text = " ".join(p for p in (format_rounds(rounds[:r]), f"Q: {question} A:") if p)
+            text = " ".join(p for p in (format_rounds(rounds[:r]), ask(question)) if p)
             prompts.append([feats[j], text])
             targets.append(EASYVQA_ANSWERS.index(answer))
             kinds.append(_question_kind(answer))

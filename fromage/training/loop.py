@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..backbones import load_encoder, load_lm
 from ..backbones.vision import FrozenImageEncoder
-from ..checkpoint import save_model
+from ..checkpoint import load_config, load_trained_tensors, save_model
 from ..config import TrainConfig, save_json, to_dict
 from ..data.dataset import Split, build_examples, extract_features
 from ..data.readers import BadInputLog
@@ -156,6 +156,10 @@ def _prepare(config: TrainConfig, procs: Processes, out_dir: Path) -> _Run:
         log.info("frozen LM: %d decoder blocks sharded over %d processes", sharded_blocks, procs.world_size)
     model.set_feature_stats(split.features[0])
     prefixes = build_prefixes(model, texts.distinct, special, config)
+    if config.init_from:
+        # After the prefixes: they set the `[RET]`-state statistics, which the checkpoint's maps
+        # were trained against and which it therefore replaces.
+        start_from(model, config)
     data = StepData(split, prefixes, texts.text_of_example, texts.group_ids, special, _token_cache(tokenizer))
     sampler = TaskSampler(split.examples, config.tasks) if config.tasks.batch_size else None
 
@@ -183,6 +187,30 @@ def _prepare(config: TrainConfig, procs: Processes, out_dir: Path) -> _Run:
     return _Run(
         model, tokenizer, special, val_splits, bad, texts, data, sampler, state, n_trainable, sharded_blocks
     )
+
+
+def start_from(model: FromageModel, config: TrainConfig) -> None:
+    """Load `config.init_from`'s trained tensors into `model`, refusing a checkpoint of another
+    model config (the maps would not fit, or would silently mean something else)."""
+    theirs, ours = _flat(to_dict(load_config(config.init_from))), _flat(to_dict(model.config))
+    differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+    if differ:
+        raise ValueError(
+            f"init_from {config.init_from}: its model config differs from this run's in {differ}"
+        )
+    model.load_trained_state_dict(load_trained_tensors(config.init_from))
+    log.info("trained tensors from %s", config.init_from)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"lm": {"name": …}} → {"lm.name": …}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _validate(run: _Run, config: TrainConfig, final: bool, states: dict) -> dict[str, float]:
@@ -359,14 +387,20 @@ def _accumulate(
     for micro in range(config.grad_accum_steps):
         with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=bf16):
             caption_idx = run.caption_sampler.take(config.batch_size)
-            caption_texts = pick_caption_texts(
-                texts.captions, texts.qa_forms, caption_idx, config.data.qa_caption_share, run.generator
+            caption_texts, caption_context = pick_caption_texts(
+                texts.captions,
+                texts.qa_forms,
+                caption_idx,
+                config.data.qa_caption_share,
+                run.generator,
+                texts.qa_context,
             )
             batch = StepInput(
                 caption_idx,
                 caption_texts,
                 run.retrieval_sampler.take(config.retrieval_batch_size),
                 interleave,
+                caption_context=caption_context,
             )
             if sampler is not None:
                 # Drawn from (seed, step, micro-batch) alone: a resumed run draws the same contexts.

@@ -2,10 +2,17 @@
 
 - `quick` (the default, `make train`): ≤ 15 minutes on 2 CPU cores. Anyone can reproduce
   training end to end with it; it cannot teach captions, answers or context (BENCHMARKS.md).
-- `ship`: the recipe of the shipped weights (DESIGN §9). Hours on 2 CPU cores, minutes on a
-  GPU; a fixed number of steps (the schedule does not depend on the clock), so an interrupted
-  run resumes exactly when the same command runs again. Its run directory lives under
-  FROMAGE_HOME (`runs/ship`), outside the work tree, so a run can span several sittings.
+- `ship` then `ship-continue`: the two stages of the shipped weights (DESIGN §9). Hours on
+  2 CPU cores, minutes on a GPU; fixed numbers of steps (the schedule does not depend on the
+  clock), so an interrupted stage resumes exactly when the same command runs again. Their run
+  directories live under FROMAGE_HOME (`runs/ship`, `runs/ship-continue`), outside the work
+  tree, so a run can span several sittings. The second stage starts from the first's
+  checkpoint with its own schedule, a mix weighted towards contexts, and answer-only loss on
+  questions; then refinement.
+
+```bash
+fromage train --recipe ship && fromage train --recipe ship-continue
+```
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ def ship() -> TrainConfig:
             easyvqa_per_class=40,
             qa_caption_forms=4,
             qa_caption_share=0.5,
+            qa_answer_only=False,  # what stage 1 ran with (config.py says why stage 2 does not)
             qa_retrieval_forms=2,
             request_forms=2,
         ),
@@ -41,18 +49,38 @@ def ship() -> TrainConfig:
         save_every=50,
         log_every=10,
         eval_every=0,
-        # After the loop, refinement fits the retrieval maps (only) to the final `[RET]` states of
-        # captions, requests and dialogues: name → Twitter R@1 0.29 → 0.44 (BENCHMARKS.md, "The
-        # shipped model"). Context is the joint loop's work: its `[RET]` reads stories and chats.
-        refine_steps=4000,
+        # Refinement runs once, after the second stage (`ship_continue`).
+        refine_steps=0,
     )
+
+
+def ship_continue() -> TrainConfig:
+    """Stage 2: from stage 1's checkpoint, more contexts per step and a mix weighted towards
+    stories, dialogues and chats; the captioning pass predicts answers, not questions."""
+    config = ship()
+    config.init_from = str(home() / "runs" / "ship" / "checkpoint")
+    config.output_dir = str(home() / "runs" / "ship-continue")
+    config.data.qa_answer_only = True
+    config.data.qa_caption_forms = 8
+    config.tasks = TaskMix(batch_size=40, request=0.2, dialogue=0.2, story=0.25, category=0.1, chat=0.25)
+    config.max_steps = CONTINUE_STEPS
+    config.lr = 5e-4
+    config.warmup_steps = 50
+    # After the loop, refinement fits the retrieval maps (only) to the final `[RET]` states of
+    # captions, requests and dialogues: name → Twitter R@1 0.29 → 0.44 (BENCHMARKS.md, "The
+    # shipped model"). Context is the joint loop's work: its `[RET]` reads stories and chats.
+    config.refine_steps = 4000
+    return config
 
 
 SHIP_STEPS = 4000
 """Joint steps of the ship recipe: ~2.4 s a step on 2 CPU cores (32 captions, 64 caption
 rows and 32 contexts in the retrieval pass), ~2.7 h of steps (BENCHMARKS.md, "The ship recipe")."""
 
-RECIPES = {"quick": quick, "ship": ship}
+CONTINUE_STEPS = 1800
+"""Joint steps of stage 2: ~2.8 s a step on 2 CPU cores (40 contexts), ~1.4 h."""
+
+RECIPES = {"quick": quick, "ship": ship, "ship-continue": ship_continue}
 
 
 def recipe(name: str) -> TrainConfig:

@@ -58,6 +58,9 @@ class StepInput:
     """Pack two caption pairs per row (the paper's interleaving trick)."""
     contexts: list[Query] = field(default_factory=list)
     """Retrieval-pass prompts with their target images, beside the caption rows (tasks.py)."""
+    caption_context: list[int] = field(default_factory=list)
+    """Leading tokens of caption_texts[j] that are context, not targets (a dialogue's questions;
+    empty: none)."""
 
 
 def use_bf16(config: TrainConfig, device: torch.device) -> bool:
@@ -85,16 +88,23 @@ def pick_caption_texts(
     idx: list[int],
     share: float,
     generator: torch.Generator,
-) -> list[list[int]]:
+    qa_context: list[list[int]] | None = None,
+) -> tuple[list[list[int]], list[int]]:
     """What the captioning pass reads for each image in `idx`: its caption, or with probability
-    `share` one of its dialogues (images that have some), drawn uniformly."""
+    `share` one of its dialogues (images that have some), drawn uniformly; and how many of each
+    text's leading tokens are context, not targets (`qa_context`; 0 for captions)."""
     draws = torch.rand(len(idx), generator=generator).tolist()
     picks = torch.randint(0, 1 << 30, (len(idx),), generator=generator).tolist()
-    out = []
+    out, context = [], []
     for i, draw, pick in zip(idx, draws, picks, strict=True):
         forms = qa_forms[i]
-        out.append(forms[pick % len(forms)] if forms and draw < share else texts[i])
-    return out
+        if forms and draw < share:
+            out.append(forms[pick % len(forms)])
+            context.append(qa_context[i][pick % len(forms)] if qa_context is not None else 0)
+        else:
+            out.append(texts[i])
+            context.append(0)
+    return out, context
 
 
 def train_step(
@@ -124,10 +134,13 @@ def train_step(
         keep = torch.rand(n_ret, features.shape[2], generator=generator) >= p_drop
         keep = keep[procs.shard(list(range(n_ret)))].to(device)
     caption_idx, caption_texts = procs.shard(batch.caption_idx), procs.shard(batch.caption_texts)
+    caption_context = procs.shard(batch.caption_context) if batch.caption_context else None
     retrieval_idx = torch.tensor(procs.shard(batch.retrieval_idx))
 
     # (1) captioning pass: full backward through the LM into the visual tokens.
-    cap = caption_batch(caption_texts, model.config.num_visual_tokens, data.special, batch.interleave)
+    cap = caption_batch(
+        caption_texts, model.config.num_visual_tokens, data.special, batch.interleave, caption_context
+    )
     rows = torch.tensor([caption_idx[j] for j in cap.image_order])
     cap_feats = features[torch.tensor([cap_views[j] for j in cap.image_order]), rows].to(device)
     # (2) retrieval pass: the prefix runs without autograd; only [RET] carries gradients.

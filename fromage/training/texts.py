@@ -16,7 +16,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data.dataset import Split
-from ..data.dialogues import determining_dialogue, random_dialogue
+from ..data.dialogues import Dialogue, answer_text, ask, determining_dialogue, format_rounds, random_dialogue
 from ..data.examples import Example
 from ..data.requests import request_forms
 from ..tokens import tokenize_captions
@@ -27,7 +27,10 @@ class TrainTexts:
     captions: list[list[int]]
     """Per training example, its caption's ids."""
     qa_forms: list[list[list[int]]]
-    """Per training example, one-turn `Q: … A: …` dialogues (empty without questions)."""
+    """Per training example, `Q: … A: …` dialogues (empty without questions)."""
+    qa_context: list[list[int]]
+    """Per dialogue in `qa_forms`, its leading tokens that are context, not targets (all but
+    the last answer with `qa_answer_only`, else 0)."""
     val_captions: dict[str, list[list[int]]]
     val_requests: dict[str, list[list[int]]]
     """Per emoji validation set, a request for each example (its first request form)."""
@@ -54,19 +57,15 @@ def tokenize_families(
         if n.startswith("emoji")
     }
     forms_rng = random.Random(config.seed)
-    qa_forms = [
-        tokenize_captions(
-            tokenizer,
-            [
-                random_dialogue(e.qa, forms_rng, max_rounds=1).text()
-                for _ in range(config.data.qa_caption_forms)
-            ],
-            max_tokens * 3,
-        )
-        if e.qa
-        else []
-        for e in split.examples
-    ]
+    qa_forms, qa_context = [], []
+    for e in split.examples:
+        forms = [
+            random_dialogue(e.qa, forms_rng, max_rounds=config.data.qa_caption_rounds)
+            for _ in range(config.data.qa_caption_forms if e.qa else 0)
+        ]
+        ids, context = _dialogue_ids(tokenizer, forms, config.data.qa_answer_only, max_tokens * 3)
+        qa_forms.append(ids)
+        qa_context.append(context)
     group_index: dict[str, int] = {}
     group_ids = torch.tensor(
         [group_index.setdefault(e.group or f"#{i}", len(group_index)) for i, e in enumerate(split.examples)]
@@ -74,7 +73,28 @@ def tokenize_families(
     text_index: dict[tuple[int, ...], int] = {}
     text_of_example = torch.tensor([text_index.setdefault(tuple(t), len(text_index)) for t in captions])
     distinct = [list(t) for t in text_index]
-    return TrainTexts(captions, qa_forms, val_captions, val_requests, group_ids, distinct, text_of_example)
+    return TrainTexts(
+        captions, qa_forms, qa_context, val_captions, val_requests, group_ids, distinct, text_of_example
+    )
+
+
+def _dialogue_ids(
+    tokenizer: Any, dialogues: list[Dialogue], answer_only: bool, max_tokens: int
+) -> tuple[list[list[int]], list[int]]:
+    """Dialogues → (ids, context length) each. With `answer_only` the text up to the last
+    answer and the answer are tokenised apart, as a prompt and its answer are at inference
+    (the context is cut from the left past `max_tokens`); else the whole text is the target."""
+    if not answer_only:
+        return tokenize_captions(tokenizer, [d.text() for d in dialogues], max_tokens), [0] * len(dialogues)
+    ids, context = [], []
+    for d in dialogues:
+        question, answer = d.rounds[-1]
+        prompt = " ".join(p for p in (format_rounds(d.rounds[:-1]), ask(question)) if p)
+        head = tokenize_captions(tokenizer, [prompt], 10**9)[0][-max_tokens:]
+        tail = tokenize_captions(tokenizer, [answer_text(answer)], max_tokens)[0]
+        ids.append(head + tail)
+        context.append(len(head))
+    return ids, context
 
 
 def retrieval_variants(
