@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import ChatConfig, TrainConfig, apply_overrides, field_docs, load_json
+from .training.recipes import RECIPES
 
 
 def add_setting_flags(
@@ -364,9 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe",
         default="quick",
-        choices=["quick", "ship"],
-        help="quick: ≤ 15 min on 2 CPU cores (make train); ship: the shipped weights' recipe, hours on "
-        "2 cores, minutes on a GPU, run directory under FROMAGE_HOME/runs/ship; re-running resumes it",
+        choices=list(RECIPES),
+        help="quick: ≤ 15 min on 2 CPU cores (make train); ship, then ship-continue: the shipped "
+        "weights' two stages, hours on 2 cores, minutes on a GPU, run directories under "
+        "FROMAGE_HOME/runs; re-running one resumes it",
     )
     sub.add_parser("fetch", help="fetch the offline assets (emoji images, SmolLM2 conversion) once")
     p = sub.add_parser(
