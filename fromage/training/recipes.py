@@ -77,8 +77,8 @@ SHIP_STEPS = 4000
 """Joint steps of the ship recipe: ~2.4 s a step on 2 CPU cores (32 captions, 64 caption
 rows and 32 contexts in the retrieval pass), ~2.7 h of steps (BENCHMARKS.md, "The ship recipe")."""
 
-CONTINUE_STEPS = 1400
-"""Joint steps of stage 2: ~3.5 s a step on 2 CPU cores (40 contexts), ~1.4 h."""
+CONTINUE_STEPS = 2000
+"""Joint steps of stage 2: ~3.5 s a step on 2 CPU cores (40 contexts), ~2 h."""
 
 RECIPES = {"quick": quick, "ship": ship, "ship-continue": ship_continue}
 
