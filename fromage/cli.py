@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import ChatConfig, TrainConfig, apply_overrides, field_docs, load_json
+from .config import ChatConfig, TrainConfig, field_docs, load_json, to_dict
 from .training.recipes import RECIPES
 
 
@@ -52,33 +52,41 @@ def settings_from(args: argparse.Namespace, cls: type, **extra: Any) -> Any:
     return cls(**{**values, **extra})
 
 
-def _split_overrides(extra: Sequence[str]) -> dict[str, str]:
-    """`--key value` / `--key=value` pairs after the known flags → {"key": "value"}."""
-    out: dict[str, str] = {}
-    items = list(extra)
-    i = 0
-    while i < len(items):
-        item = items[i]
-        if not item.startswith("--"):
-            raise SystemExit(f"fromage train: unexpected argument {item!r} (settings are --key value)")
-        key = item[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-        else:
-            if i + 1 >= len(items):
-                raise SystemExit(f"fromage train: setting --{key} needs a value")
-            value = items[i + 1]
-            i += 1
-        out["output-dir" if key == "out" else key] = value  # --out: one name for "where results go"
-        i += 1
-    return out
+def train_config(args: argparse.Namespace, extra: Sequence[str]) -> TrainConfig:
+    """The run's settings: a recipe (`--recipe`) or a config file (`--config`, e.g. a run's
+    `train_config.json` or what `--print-config` wrote), then any `--key value` after them.
+    tyro makes those flags and their help from TrainConfig's fields and docstrings, nested
+    groups as `--model.key`, `--data.key`, `--tasks.key`."""
+    import tyro
+
+    from .training.recipes import recipe
+
+    base = load_json(TrainConfig, args.config) if args.config else recipe(args.recipe)
+    # --out is the one name for "where results go" in every subcommand.
+    flags = [
+        "--output-dir" if a == "--out" else "--output-dir=" + a[6:] if a.startswith("--out=") else a
+        for a in extra
+    ]
+    if args.help:
+        flags = ["--help"]
+    where = f"--config {args.config}" if args.config else f"--recipe {args.recipe}"
+    return tyro.cli(
+        TrainConfig,
+        default=base,
+        args=flags,
+        prog="fromage train",
+        description=f"Settings of the run (defaults: {where}); set any of them as --key value.",
+    )
 
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from .training.recipes import recipe
-
-    config = load_json(TrainConfig, args.config) if args.config else recipe(args.recipe)
-    config = apply_overrides(config, _split_overrides(extra))
+    if args.help:
+        args.parser.print_help()
+        print()
+    config = train_config(args, extra)
+    if args.print_config:
+        print(json.dumps(to_dict(config), indent=2))
+        return 0
     if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from .training.distributed import launch
 
@@ -305,29 +313,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings_help() -> str:
-    """Every training setting with its default and docstring, for `fromage train --help`."""
-    from .config import DataConfig, ModelConfig, TaskMix, TrainConfig
-
-    lines = ["settings (--key value; nested ones as --model.key, --data.key, --tasks.key):"]
-    for prefix, cls in (
-        ("", TrainConfig),
-        ("model.", ModelConfig),
-        ("data.", DataConfig),
-        ("tasks.", TaskMix),
-    ):
-        docs = field_docs(cls)
-        instance = cls()
-        for field in dataclasses.fields(cls):
-            value = getattr(instance, field.name)
-            if dataclasses.is_dataclass(value):
-                continue  # listed under its own prefix
-            flag = "--" + (prefix + field.name).replace("_", "-")
-            doc = docs.get(field.name, "")
-            lines.append(f"  {flag} (default {value!r})" + (f": {doc}" if doc else ""))
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .config import ServeConfig
 
@@ -357,11 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train the maps and [RET] (default: the offline emoji + easy-VQA recipe)",
         description="Train FROMAGe. Any setting can follow as --key value, e.g. --max-steps 100 "
-        "--model.num-visual-tokens 1 --data.sources '[\"data.tsv\"]' (--out DIR is --output-dir).",
-        epilog=_settings_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "--model.num-visual-tokens 1 --data.sources data.tsv more.tsv (--out DIR is --output-dir); "
+        "the settings are listed below.",
+        add_help=False,
     )
-    p.add_argument("--config", help="JSON file with a TrainConfig (overrides still apply)")
+    p.add_argument("-h", "--help", action="store_true", help="show this help and every setting, then exit")
+    p.add_argument("--config", help="JSON file with a TrainConfig (settings after it still apply)")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resulting settings as JSON (a file for --config) and exit without training",
+    )
+    p.set_defaults(parser=p)
     p.add_argument(
         "--recipe",
         default="quick",

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -487,56 +485,6 @@ def save_json(config: Any, path: str | Path) -> None:
 
 def load_json(cls: type[T], path: str | Path) -> T:
     return from_dict(cls, json.loads(Path(path).read_text()))
-
-
-def apply_overrides(config: T, overrides: dict[str, str]) -> T:
-    """Set dotted keys (`model.num_visual_tokens=2`, `lr=1e-3`) from strings, typed by the field."""
-    data = to_dict(config)
-    for dotted, raw in overrides.items():
-        parts = dotted.replace("-", "_").split(".")
-        cls: Any = type(config)
-        node = data
-        for i, part in enumerate(parts):
-            fields = {f.name: f for f in dataclasses.fields(cls)}
-            if part not in fields:
-                where = ".".join(parts[:i]) or type(config).__name__
-                raise ValueError(f"unknown setting {dotted!r}: {where} has no field {part!r}")
-            hint = typing.get_type_hints(cls)[part]
-            if i == len(parts) - 1:
-                node[part] = _parse_value(dotted, raw, hint)
-            else:
-                if not dataclasses.is_dataclass(hint):
-                    raise ValueError(f"setting {dotted!r}: {part!r} is not a group of settings")
-                cls = hint
-                node = node[part]
-    return from_dict(type(config), data)
-
-
-def _parse_value(name: str, raw: str, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if hint is bool:
-        low = raw.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"setting {name!r} expects true/false, got {raw!r}")
-    if hint is int or hint is float:
-        try:
-            return hint(raw)
-        except ValueError:
-            raise ValueError(f"setting {name!r} expects {hint.__name__}, got {raw!r}") from None
-    if hint is str:
-        return raw
-    if origin in (list, tuple) or isinstance(hint, types.GenericAlias):
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = [v for v in raw.split(",") if v]
-        if not isinstance(value, list):
-            value = [value]
-        return value
-    raise ValueError(f"setting {name!r} cannot be set from the command line")
 
 
 def field_docs(cls: type) -> dict[str, str]:

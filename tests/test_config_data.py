@@ -5,30 +5,83 @@ import json
 import pytest
 import torch
 
-from fromage.config import TrainConfig, apply_overrides, from_dict, load_json, save_json, to_dict
+from fromage.config import TrainConfig, from_dict, load_json, save_json, to_dict
 from fromage.data.readers import BadInputLog, TooManyBadInputs, read_jsonl, read_tsv
 from fromage.metrics import group_recall_at_k, mean_reciprocal_rank, recall_at_k
 
 
+def _settings(*flags: str, recipe: str = "quick", config: str | None = None) -> TrainConfig:
+    """What `fromage train … --print-config` would print, as a TrainConfig."""
+    import argparse
+
+    from fromage.cli import train_config
+
+    args = argparse.Namespace(recipe=recipe, config=config, help=False)
+    return train_config(args, list(flags))
+
+
 def test_config_json_round_trip(tmp_path):
-    config = apply_overrides(
-        TrainConfig(), {"model.num-visual-tokens": "2", "lr": "1e-4", "data.sources": '["a.tsv"]'}
-    )
+    config = _settings("--model.num-visual-tokens", "2", "--lr", "1e-4", "--data.sources", "a.tsv")
     save_json(config, tmp_path / "c.json")
     again = load_json(TrainConfig, tmp_path / "c.json")
     assert to_dict(again) == to_dict(config)
     assert again.model.num_visual_tokens == 2 and again.lr == 1e-4 and again.data.sources == ["a.tsv"]
+    # A config file is the starting point; flags after it still apply.
+    later = _settings("--max-steps", "9", config=str(tmp_path / "c.json"))
+    assert later.model.num_visual_tokens == 2 and later.max_steps == 9
 
 
-def test_config_rejects_typos_and_bad_values():
-    with pytest.raises(ValueError, match="has no field 'lrr'"):
-        apply_overrides(TrainConfig(), {"lrr": "1"})
-    with pytest.raises(ValueError, match="expects int"):
-        apply_overrides(TrainConfig(), {"max-steps": "many"})
+def test_settings_start_from_the_recipe_and_take_every_flag_form():
+    ship = _settings("--out", "elsewhere", "--data.sources", "a.tsv", "b.tsv", "--no-resume", recipe="ship")
+    assert ship.max_steps == 4000 and ship.output_dir == "elsewhere" and ship.resume is False
+    assert ship.data.sources == ["a.tsv", "b.tsv"] and ship.tasks.batch_size == 32
+    assert _settings("--max_steps=3", "--tasks.story", "0.5").max_steps == 3  # underscores, =value
+
+
+def test_config_rejects_typos_and_bad_values(capsys):
+    with pytest.raises(SystemExit):
+        _settings("--lrr", "1")
+    assert "--lrr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _settings("--max-steps", "many")
+    assert "many" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         from_dict(TrainConfig, {"nope": 1})
-    with pytest.raises(ValueError, match="num_visual_tokens must be >= 1, got 0"):
-        apply_overrides(TrainConfig(), {"model.num_visual_tokens": "0"})
+    with pytest.raises(SystemExit):
+        _settings("--model.num-visual-tokens", "0")
+    assert "num_visual_tokens must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_print_config_writes_a_file_that_config_reads(tmp_path, capsys):
+    from fromage.cli import main
+
+    assert main(["train", "--recipe", "ship", "--print-config", "--max-steps", "5"]) == 0
+    (tmp_path / "c.json").write_text(capsys.readouterr().out)
+    again = load_json(TrainConfig, tmp_path / "c.json")
+    assert again.max_steps == 5 and again.tasks.batch_size == 32 and not (tmp_path / "runs").exists()
+
+
+def test_train_help_lists_every_setting_with_its_docstring(capsys):
+    import dataclasses
+
+    from fromage.cli import main
+    from fromage.config import DataConfig, ModelConfig, TaskMix
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--print-config" in text and "--recipe" in text
+    for prefix, cls in (
+        ("", TrainConfig),
+        ("model.", ModelConfig),
+        ("data.", DataConfig),
+        ("tasks.", TaskMix),
+    ):
+        for field in dataclasses.fields(cls):
+            if not dataclasses.is_dataclass(getattr(cls(), field.name)):
+                assert "--" + (prefix + field.name).replace("_", "-") in text, field.name
+    assert "Wall-time budget of the whole run" in " ".join(text.split())
 
 
 def test_tsv_reader_reports_file_and_line(tmp_path):
