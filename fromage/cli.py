@@ -9,80 +9,45 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from .config import ChatConfig, TrainConfig, field_docs, load_json, to_dict
+from .config import ChatConfig, TrainConfig, load_json, to_dict
 from .training.recipes import RECIPES
 
-
-def add_setting_flags(
-    parser: argparse.ArgumentParser,
-    cls: type,
-    names: Sequence[str],
-    aliases: dict[str, str] | None = None,
-) -> None:
-    """`--field-name` flags for some fields of a config dataclass: their type, default and help
-    come from the dataclass, so each setting keeps one default (in its class). A tuple field
-    becomes a repeatable flag."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    docs = field_docs(cls)
-    instance = cls()
-    for name in names:
-        default = getattr(instance, name)
-        flags = [f"--{name.replace('_', '-')}"]
-        if aliases and name in aliases:
-            flags.append(aliases[name])
-        help_text = docs.get(name, "")
-        if isinstance(default, tuple):
-            parser.add_argument(
-                *flags, dest=name, action="append", default=[], help=help_text + " (repeatable)"
-            )
-        else:
-            kind = type(default) if fields[name].type not in ("float", float) else float
-            shown = f"{help_text} (default {default})" if help_text else f"default {default}"
-            parser.add_argument(*flags, dest=name, type=kind, default=default, help=shown)
+S = TypeVar("S")
 
 
-def settings_from(args: argparse.Namespace, cls: type, **extra: Any) -> Any:
-    """The config dataclass built from the flags `add_setting_flags` added (plus `extra`)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    for name, value in values.items():
-        if isinstance(getattr(cls(), name), tuple):
-            values[name] = tuple(value)
-    return cls(**{**values, **extra})
-
-
-def train_config(args: argparse.Namespace, extra: Sequence[str]) -> TrainConfig:
-    """The run's settings: a recipe (`--recipe`) or a config file (`--config`, e.g. a run's
-    `train_config.json` or what `--print-config` wrote), then any `--key value` after them.
-    tyro makes those flags and their help from TrainConfig's fields and docstrings, nested
-    groups as `--model.key`, `--data.key`, `--tasks.key`."""
+def settings(cls: type[S], default: S, args: argparse.Namespace, extra: Sequence[str], about: str) -> S:
+    """A settings dataclass from the flags left after the command's own: tyro makes them (and
+    their help) from the class's fields and docstrings, so each setting is described and given
+    its default once, where it is defined. `--out` is the one name for "where results go"."""
     import tyro
 
-    from .training.recipes import recipe
-
-    base = load_json(TrainConfig, args.config) if args.config else recipe(args.recipe)
-    # --out is the one name for "where results go" in every subcommand.
     flags = [
         "--output-dir" if a == "--out" else "--output-dir=" + a[6:] if a.startswith("--out=") else a
         for a in extra
     ]
     if args.help:
+        args.parser.print_help()
+        print()
         flags = ["--help"]
+    return tyro.cli(cls, default=default, args=flags, prog=f"fromage {args.command}", description=about)
+
+
+def train_config(args: argparse.Namespace, extra: Sequence[str]) -> TrainConfig:
+    """The run's settings: a recipe (`--recipe`) or a config file (`--config`, e.g. a run's
+    `train_config.json` or what `--print-config` wrote), then any `--key value` after them,
+    nested groups as `--model.key`, `--data.key`, `--tasks.key`."""
+    from .training.recipes import recipe
+
+    base = load_json(TrainConfig, args.config) if args.config else recipe(args.recipe)
     where = f"--config {args.config}" if args.config else f"--recipe {args.recipe}"
-    return tyro.cli(
-        TrainConfig,
-        default=base,
-        args=flags,
-        prog="fromage train",
-        description=f"Settings of the run (defaults: {where}); set any of them as --key value.",
+    return settings(
+        TrainConfig, base, args, extra, f"Settings of the run (defaults: {where}); set any as --key value."
     )
 
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    if args.help:
-        args.parser.print_help()
-        print()
     config = train_config(args, extra)
     if args.print_config:
         print(json.dumps(to_dict(config), indent=2))
@@ -238,13 +203,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
+def cmd_chat(args: argparse.Namespace, extra: Sequence[str]) -> int:
     """Interactive dialogue on stdin: `@path` attaches an image; /save FILE, /reset, /quit."""
     from .apps.chat import run_terminal
     from .pipeline import Fromage
 
+    config = settings(ChatConfig, ChatConfig(), args, extra, "Answer settings; set any as --key value.")
     bot = Fromage.from_pretrained(_model(args), index=args.index, device=args.device)
-    run_terminal(bot, settings_from(args, ChatConfig), save=args.save)
+    run_terminal(bot, config, save=args.save)
     return 0
 
 
@@ -255,13 +221,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.passed == len(report.checks) or not args.check else 1
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from .apps.serve import serve
     from .config import ServeConfig
 
+    config = settings(ServeConfig, ServeConfig(), args, extra, "Server limits; set any as --key value.")
     # The key from the environment keeps it out of the process list (`ps` shows flags).
-    api_key = args.api_key or os.environ.get("FROMAGE_API_KEY", "")
-    config = settings_from(args, ServeConfig, api_key=api_key)
+    config.api_key = config.api_key or os.environ.get("FROMAGE_API_KEY", "")
     serve(_model(args), args.index, args.host, args.port, config)
     return 0
 
@@ -313,8 +279,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_flags(p: argparse.ArgumentParser) -> None:
+    """A command whose settings dataclass takes the flags it does not know (`settings`): its
+    -h shows its own flags, then every setting."""
+    p.add_argument("-h", "--help", action="store_true", help="show this help, then every setting, and exit")
+    p.set_defaults(parser=p)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ServeConfig
 
     # No prefix abbreviations: `--max-images` must not silently mean `--max-images-per-request`.
     parser = argparse.ArgumentParser(
@@ -335,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     class _Sub:
         def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-            return subparsers.add_parser(name, parents=[common], allow_abbrev=False, **kwargs)
+            # Commands with a settings dataclass print its help after their own (`_settings_flags`).
+            own_help = name not in SETTINGS_COMMANDS
+            return subparsers.add_parser(
+                name, parents=[common], allow_abbrev=False, add_help=own_help, **kwargs
+            )
 
     sub = _Sub()
     p = sub.add_parser(
@@ -344,16 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train FROMAGe. Any setting can follow as --key value, e.g. --max-steps 100 "
         "--model.num-visual-tokens 1 --data.sources data.tsv more.tsv (--out DIR is --output-dir); "
         "the settings are listed below.",
-        add_help=False,
     )
-    p.add_argument("-h", "--help", action="store_true", help="show this help and every setting, then exit")
+    _settings_flags(p)
     p.add_argument("--config", help="JSON file with a TrainConfig (settings after it still apply)")
     p.add_argument(
         "--print-config",
         action="store_true",
         help="print the resulting settings as JSON (a file for --config) and exit without training",
     )
-    p.set_defaults(parser=p)
     p.add_argument(
         "--recipe",
         default="quick",
@@ -441,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", "--save", dest="save", default="", help="write the transcript as HTML here at the end"
     )
-    add_setting_flags(p, ChatConfig, [f.name for f in dataclasses.fields(ChatConfig)])
     p.add_argument("--device", default="cpu")
+    _settings_flags(p)
     p = sub.add_parser("serve", help="HTTP API (OpenAI-style chat completions, retrieve, caption)")
     p.add_argument(
         "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
@@ -450,13 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default=None, help="index directory built by `fromage index`")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    add_setting_flags(
-        p,
-        ServeConfig,
-        [f.name for f in dataclasses.fields(ServeConfig)],
-        # `--max-images` would read like the request's `max_images` (images *out*): no alias.
-        aliases={"allowed_image_hosts": "--allow-image-host"},
-    )
+    _settings_flags(p)
     p = sub.add_parser("demo-web", help="web chat (Gradio) on the shipped model and emoji index")
     p.add_argument(
         "--model", default=None, help="checkpoint directory, or `default` (the shipped model, the default)"
@@ -547,9 +515,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+SETTINGS_COMMANDS = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve}
+"""Commands whose settings dataclass takes the flags they do not know themselves."""
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> int:
-    if args.command == "train":
-        return cmd_train(args, extra)
+    if args.command in SETTINGS_COMMANDS:
+        return SETTINGS_COMMANDS[args.command](args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     commands = {
@@ -558,10 +530,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Seque
         "features": cmd_features,
         "retrieve": cmd_retrieve,
         "caption": cmd_caption,
-        "chat": cmd_chat,
         "demo": cmd_demo,
         "demo-web": cmd_demo_web,
-        "serve": cmd_serve,
         "eval": cmd_eval,
     }
     if args.command in commands:

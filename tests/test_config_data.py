@@ -16,7 +16,7 @@ def _settings(*flags: str, recipe: str = "quick", config: str | None = None) -> 
 
     from fromage.cli import train_config
 
-    args = argparse.Namespace(recipe=recipe, config=config, help=False)
+    args = argparse.Namespace(command="train", recipe=recipe, config=config, help=False)
     return train_config(args, list(flags))
 
 
