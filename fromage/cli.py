@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from .config import ChatConfig, TrainConfig, load_json, to_dict
-from .training.recipes import RECIPES
+from .training.recipes import RECIPES, recipe
 
 S = TypeVar("S")
 
@@ -20,13 +20,15 @@ S = TypeVar("S")
 def settings(cls: type[S], default: S, args: argparse.Namespace, extra: Sequence[str], about: str) -> S:
     """A settings dataclass from the flags left after the command's own: tyro makes them (and
     their help) from the class's fields and docstrings, so each setting is described and given
-    its default once, where it is defined. `--out` is the one name for "where results go"."""
+    its default once, where it is defined. A bad setting exits 2 with tyro's message."""
     import tyro
 
-    flags = [
-        "--output-dir" if a == "--out" else "--output-dir=" + a[6:] if a.startswith("--out=") else a
-        for a in extra
-    ]
+    flags = list(extra)
+    given = [f.split("=", 1)[0].replace("_", "-") for f in flags if f.startswith("--")]
+    repeated = sorted({f for f in given if given.count(f) > 1})
+    if repeated:
+        # tyro would keep the last one silently; a list setting takes its values after one flag.
+        raise ValueError(f"{', '.join(repeated)} given more than once; give several values after one flag")
     if args.help:
         args.parser.print_help()
         print()
@@ -38,13 +40,20 @@ def train_config(args: argparse.Namespace, extra: Sequence[str]) -> TrainConfig:
     """The run's settings: a recipe (`--recipe`) or a config file (`--config`, e.g. a run's
     `train_config.json` or what `--print-config` wrote), then any `--key value` after them,
     nested groups as `--model.key`, `--data.key`, `--tasks.key`."""
-    from .training.recipes import recipe
-
     base = load_json(TrainConfig, args.config) if args.config else recipe(args.recipe)
     where = f"--config {args.config}" if args.config else f"--recipe {args.recipe}"
+    # --out is the one name for "where results go" in every command.
+    flags = [_renamed(a, "--out", "--output-dir") for a in extra]
     return settings(
-        TrainConfig, base, args, extra, f"Settings of the run (defaults: {where}); set any as --key value."
+        TrainConfig, base, args, flags, f"Settings of the run (defaults: {where}); set any as --key value."
     )
+
+
+def _renamed(flag: str, old: str, new: str) -> str:
+    """`--out` → `--output-dir`, `--out=x` → `--output-dir=x`; anything else unchanged."""
+    if flag == old or flag.startswith(old + "="):
+        return new + flag[len(old) :]
+    return flag
 
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -279,6 +288,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+SETTINGS_COMMANDS = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve}
+"""Commands whose settings dataclass takes the flags they do not know themselves."""
+
+
 def _settings_flags(p: argparse.ArgumentParser) -> None:
     """A command whose settings dataclass takes the flags it does not know (`settings`): its
     -h shows its own flags, then every setting."""
@@ -287,7 +300,6 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     # No prefix abbreviations: `--max-images` must not silently mean `--max-images-per-request`.
     parser = argparse.ArgumentParser(
         prog="fromage", description="FROMAGe: frozen LMs grounded to images.", allow_abbrev=False
@@ -492,8 +504,9 @@ def _positive(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a command. Errors in what the user gave (a missing file, a bad setting, a damaged
-    checkpoint or index) print one line naming the problem and exit 1; `-v` shows the traceback."""
+    """Run a command. Errors in what the user gave (a missing file, a damaged checkpoint or
+    index) print one line naming the problem and exit 1; `-v` shows the traceback. A flag or
+    setting that cannot be parsed exits 2 with the parser's message, as argparse does."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     parser = build_parser()
@@ -513,10 +526,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fromage {args.command}: error: {error}", file=sys.stderr)
         return 1
-
-
-SETTINGS_COMMANDS = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve}
-"""Commands whose settings dataclass takes the flags they do not know themselves."""
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> int:

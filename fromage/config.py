@@ -136,8 +136,8 @@ class DataConfig:
     serves both forms: more requests cost caption recall (measured in BENCHMARKS.md)."""
 
     qa_caption_forms: int = 0
-    """Questions per image with question/answer pairs (easy-VQA) for the captioning pass, one
-    round each, `Q: q A: a.` (data/dialogues.py): teaches answering questions about the image
+    """Dialogues per image with question/answer pairs (easy-VQA) for the captioning pass, of
+    up to `qa_caption_rounds` rounds, `Q: q A: a.` (data/dialogues.py): teaches answering questions about the image
     (answer selection). One round keeps rows as short as captions: the captioning pass pays
     for its longest row. 0 (the default) = captions only: on 2 CPU cores the 14-minute
     budget cannot afford it (BENCHMARKS.md, "Dialogue recipe"); try 4."""
@@ -146,11 +146,12 @@ class DataConfig:
     qa_caption_rounds: int = 1
     """Rounds per such dialogue, at most (1..rounds drawn): earlier rounds are context, as in
     answer selection (evaluate/offline.py)."""
-    qa_answer_only: bool = True
+    qa_answer_only: bool = False
     """The captioning pass predicts only a dialogue's last answer; its questions and earlier
-    rounds are context, as a user's question is at inference. False predicts the whole text
-    (the ship recipe's first stage): the model then learned to write `Q: …` after an image, and
-    greedy easy-VQA captions were questions 4 times in 10 (BENCHMARKS.md, "The shipped model")."""
+    rounds are context, as a user's question is at inference (the ship recipe's second stage).
+    False (what older configs ran) predicts the whole text: the model then learns to write
+    `Q: …` after an image, and greedy easy-VQA captions were questions 4 times in 10
+    (BENCHMARKS.md, "The shipped model")."""
     qa_retrieval_forms: int = 0
     """Dialogues per such image whose answers determine it, added to retrieval refinement
     (dialogue → image retrieval); each costs one LM pass over ~40 tokens, once. 0 (the

@@ -100,3 +100,9 @@ def test_one_flag_vocabulary(capsys):
     with pytest.raises(SystemExit):  # no prefix abbreviations either
         _parsed(ServeConfig, ["serve", "--max-images", "3"])
     assert "--max-images" in capsys.readouterr().err
+
+
+def test_a_list_setting_given_twice_is_refused_not_cut_to_its_last_value():
+    with pytest.raises(ValueError, match="--allowed-image-hosts given more than once"):
+        _parsed(ServeConfig, ["serve", "--allowed-image-hosts", "a.test", "--allowed_image_hosts=b.test"])
+    assert _parsed(ChatConfig, ["chat", "--stop", "Q:", "x"]).stop == ("Q:", "x")

@@ -262,12 +262,23 @@ def test_a_run_can_start_from_another_runs_checkpoint(tiny_world, tmp_path):
 
 
 def test_starting_from_a_checkpoint_of_another_model_is_refused(tiny_world, tmp_path):
+    import shutil
+
     from fromage.training.loop import train
 
     train(tiny_config(tiny_world, tmp_path / "first", refine_steps=0, max_steps=1))
     init = str(tmp_path / "first" / "checkpoint")
     with pytest.raises(ValueError, match=r"model config differs .*lm\.name"):
         train(tiny_config(tiny_world, tmp_path / "other", lm="opt", init_from=init, max_steps=1))
+    # Training-only settings may change between stages; a stage that resumes its own state
+    # no longer needs the checkpoint it started from.
+    second = tiny_config(tiny_world, tmp_path / "second", init_from=init, max_steps=3, stop_at_step=1)
+    second.model.feature_dropout = 0.5
+    train(second)
+    shutil.rmtree(tmp_path / "first")
+    second.stop_at_step = 0
+    train(second)
+    assert [r["step"] for r in _rows(tmp_path / "second")] == [1, 2, 3]
 
 
 def test_bad_images_are_counted_and_limit_enforced(tiny_world, tmp_path):

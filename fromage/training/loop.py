@@ -40,7 +40,7 @@ from .distributed import Processes, init_processes
 from .metrics_log import MetricsLog
 from .prefixes import build_prefixes
 from .refine import refine_after_loop
-from .state import EpochSampler, RunState, remove_stale_temporaries
+from .state import EpochSampler, RunState, has_state, remove_stale_temporaries
 from .step import StepData, StepInput, lr_at, pick_caption_texts, train_step, use_bf16
 from .tasks import TaskSampler
 from .texts import TrainTexts, tokenize_families
@@ -156,7 +156,7 @@ def _prepare(config: TrainConfig, procs: Processes, out_dir: Path) -> _Run:
         log.info("frozen LM: %d decoder blocks sharded over %d processes", sharded_blocks, procs.world_size)
     model.set_feature_stats(split.features[0])
     prefixes = build_prefixes(model, texts.distinct, special, config)
-    if config.init_from:
+    if config.init_from and not (config.resume and has_state(out_dir)):
         # After the prefixes: they set the `[RET]`-state statistics, which the checkpoint's maps
         # were trained against and which it therefore replaces.
         start_from(model, config)
@@ -189,11 +189,29 @@ def _prepare(config: TrainConfig, procs: Processes, out_dir: Path) -> _Run:
     )
 
 
+TENSOR_KEYS = (
+    "lm.name",
+    "lm.revision",
+    "encoder.name",
+    "encoder.revision",
+    "encoder.image_size",
+    "num_visual_tokens",
+    "retrieval_dim",
+    "ret_layer",
+    "feature_dim",
+    "hidden_size",
+    "vocab_size",
+)
+"""ModelConfig fields (flattened) that a checkpoint's trained tensors depend on."""
+
+
 def start_from(model: FromageModel, config: TrainConfig) -> None:
     """Load `config.init_from`'s trained tensors into `model`, refusing a checkpoint of another
     model config (the maps would not fit, or would silently mean something else)."""
     theirs, ours = _flat(to_dict(load_config(config.init_from))), _flat(to_dict(model.config))
-    differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+    # What decides the tensors' shapes and meaning; training-only settings (dropout, activation
+    # checkpointing, the temperature's start, the LM's dtype) may change between stages.
+    differ = sorted(k for k in TENSOR_KEYS if theirs.get(k) != ours.get(k))
     if differ:
         raise ValueError(
             f"init_from {config.init_from}: its model config differs from this run's in {differ}"

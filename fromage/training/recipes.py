@@ -34,7 +34,6 @@ def ship() -> TrainConfig:
             easyvqa_per_class=40,
             qa_caption_forms=4,
             qa_caption_share=0.5,
-            qa_answer_only=False,  # what stage 1 ran with (config.py says why stage 2 does not)
             qa_retrieval_forms=2,
             request_forms=2,
         ),
@@ -58,6 +57,8 @@ def ship_continue() -> TrainConfig:
     """Stage 2: from stage 1's checkpoint, more contexts per step and a mix weighted towards
     stories, dialogues and chats; the captioning pass predicts answers, not questions."""
     config = ship()
+    # The same seed as stage 1: its caption order and context draws start over, under
+    # another mix (held-out concepts are a hash of the name, not drawn from the seed).
     config.init_from = str(home() / "runs" / "ship" / "checkpoint")
     config.output_dir = str(home() / "runs" / "ship-continue")
     config.data.qa_answer_only = True

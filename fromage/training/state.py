@@ -57,6 +57,11 @@ class EpochSampler:
         self._order = self._shuffle()
 
 
+def has_state(out_dir: Path) -> bool:
+    """Whether `out_dir` holds a saved loop state (a run there resumes)."""
+    return (out_dir / "train_state" / "state.pt").exists()
+
+
 @dataclass
 class RunState:
     """The loop's mutable state besides the model. The same for any number of processes
@@ -85,9 +90,9 @@ class RunState:
 
     def load(self, out_dir: Path, model: FromageModel) -> bool:
         """Restore the saved state if there is one; → whether there was."""
-        path = out_dir / "train_state" / "state.pt"
-        if not path.exists():
+        if not has_state(out_dir):
             return False
+        path = out_dir / "train_state" / "state.pt"
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_trained_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
