@@ -1,19 +1,18 @@
 import base64
 import io
 import json
-import socket
 import threading
 import time
 from pathlib import Path
 
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from fromage.apps.serve import ServeConfig, create_app
 
+from .live_server import app_config, running
 from .test_pipeline import bot  # noqa: F401  (fixture)
 from .test_train import tiny_world  # noqa: F401  (fixture)
 
@@ -168,19 +167,7 @@ def test_api_key_is_required_when_configured(bot):  # noqa: F811
 
 def test_the_openai_client_reads_plain_and_streamed_completions(bot):  # noqa: F811
     fromage, _ = bot
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(fromage), host="127.0.0.1", port=port, log_level="error")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
+    with running(app_config(create_app(fromage), "error")) as port:
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60
         )
@@ -239,9 +226,6 @@ def test_the_openai_client_reads_plain_and_streamed_completions(bot):  # noqa: F
         with pytest.raises(openai.BadRequestError) as bad:
             client.chat.completions.create(model="fromage-default", messages=message, temperature=5)
         assert bad.value.body["param"] == "temperature" and bad.value.body["code"] == "less_than_equal"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_concurrent_retrievals_are_batched_and_match_one_at_a_time(bot):  # noqa: F811

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
-import uvicorn
 
 from fromage.apps.serve import ServeConfig, create_app
 
+from .live_server import app_config, running
 from .test_pipeline import bot  # noqa: F401  (fixture)
 from .test_serve_slow_client import _read_response
 from .test_train import tiny_world  # noqa: F401  (fixture)
@@ -30,25 +29,13 @@ def server(bot):  # noqa: F811
         time.sleep(PIECE_DELAY_S)
         return real_step(self)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     AnswerBatch.step = slow_step  # type: ignore[method-assign]
     # One chat at a time: a stream that kept decoding would hold the next request back.
     app = create_app(fromage, ServeConfig(max_tokens_limit=256, chat_batch_size=1))
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    for _ in range(600):
-        if instance.started:
-            break
-        time.sleep(0.05)
-    assert instance.started, "server did not start"
     try:
-        yield port
+        with running(app_config(app)) as port:
+            yield port
     finally:
-        instance.should_exit = True
-        thread.join(timeout=30)
         AnswerBatch.step = real_step  # type: ignore[method-assign]
 
 
@@ -81,21 +68,13 @@ def test_an_abandoned_stream_frees_the_model_within_a_second(server):
 
 
 def _guarded_server(bot_model, **config):
-    """A real server as `fromage serve` runs it (server_config), in a thread."""
+    """A real server as `fromage serve` runs it (server_config), in a thread: a context manager
+    that yields its port."""
     from fromage.apps.serve import server_config
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    instance = uvicorn.Server(server_config(bot_model, ServeConfig(**config), port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    for _ in range(600):
-        if instance.started:
-            break
-        time.sleep(0.05)
-    assert instance.started
-    return instance, thread, port
+    return running(
+        lambda port: server_config(bot_model, ServeConfig(**config), port=port, log_level="warning")
+    )
 
 
 def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
@@ -116,10 +95,9 @@ def test_idle_and_half_sent_connections_time_out_and_cannot_starve_others(bot): 
     import httpx
 
     fromage, _ = bot
-    instance, thread, port = _guarded_server(
+    with _guarded_server(
         fromage, max_connections=6, head_timeout_s=1.0, max_connections_per_client=100
-    )
-    try:
+    ) as port:
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
         half = socket.create_connection(("127.0.0.1", port))
         half.sendall(b"GET /heal")
@@ -133,24 +111,17 @@ def test_idle_and_half_sent_connections_time_out_and_cannot_starve_others(bot): 
             assert _read_response(sock).startswith(b"HTTP/1.1 200")
             sock.sendall(b"GET /hea")
             assert _closed_by_server(sock, 5.0)
-    finally:
-        instance.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_one_client_cannot_hold_more_than_its_share(bot):  # noqa: F811
     fromage, _ = bot
-    instance, thread, port = _guarded_server(fromage, head_timeout_s=30.0, max_connections_per_client=3)
-    try:
+    with _guarded_server(fromage, head_timeout_s=30.0, max_connections_per_client=3) as port:
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         extra = socket.create_connection(("127.0.0.1", port))
         assert _closed_by_server(extra, 5.0)  # the fourth is closed at once
         assert not _closed_by_server(held[0], 0.5)  # the first three are kept (for now)
         for s in held:
             s.close()
-    finally:
-        instance.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_an_extreme_aspect_ratio_image_is_cheap_on_a_real_server(bot, monkeypatch):  # noqa: F811
@@ -176,14 +147,10 @@ def test_an_extreme_aspect_ratio_image_is_cheap_on_a_real_server(bot, monkeypatc
     Image.new("RGB", (10_000, 1), (255, 0, 0)).save(buffer, format="PNG")
     assert len(buffer.getvalue()) < 200
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    instance, thread, port = _guarded_server(fromage, max_tokens_limit=8)
-    try:
+    with _guarded_server(fromage, max_tokens_limit=8) as port:
         reply = httpx.post(
             f"http://127.0.0.1:{port}/v1/caption", json={"image": url, "max_tokens": 2}, timeout=60
         )
-    finally:
-        instance.should_exit = True
-        thread.join(timeout=30)
     assert reply.status_code == 200, reply.text
     side = fromage.model.encoder.image_size
     assert sizes and max(w * h for w, h in sizes) <= side * side

@@ -6,15 +6,13 @@ gets a 413 as soon as the limit is passed."""
 from __future__ import annotations
 
 import socket
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
 from fromage.apps.serve import ServeConfig, create_app
 
+from .live_server import app_config, running
 from .test_pipeline import bot  # noqa: F401  (fixture)
 from .test_serve_fuzz import RED_PNG
 from .test_train import tiny_world  # noqa: F401  (fixture)
@@ -26,22 +24,9 @@ MAX_BODY = 4096
 @pytest.fixture(scope="module")
 def server(bot):  # noqa: F811
     fromage, _ = bot
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     config = ServeConfig(body_timeout_s=BODY_TIMEOUT_S, max_tokens_limit=4, max_body_bytes=MAX_BODY)
-    app = create_app(fromage, config)
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    for _ in range(600):
-        if instance.started:
-            break
-        time.sleep(0.05)
-    assert instance.started, "server did not start"
-    yield port
-    instance.should_exit = True
-    thread.join(timeout=30)
+    with running(app_config(create_app(fromage, config))) as port:
+        yield port
 
 
 def _read_all(sock: socket.socket) -> bytes:
