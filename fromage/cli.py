@@ -33,19 +33,31 @@ def settings(cls: type[S], default: S, args: argparse.Namespace, extra: Sequence
         args.parser.print_help()
         print()
         flags = ["--help"]
+    if args.config:  # a file of settings (what --print-config writes) replaces the defaults
+        default = load_json(cls, args.config)
     return tyro.cli(cls, default=default, args=flags, prog=f"fromage {args.command}", description=about)
+
+
+def _printed(config: Any, args: argparse.Namespace) -> bool:
+    """With --print-config: print the settings as JSON (a file for --config) → True."""
+    if args.print_config:
+        print(json.dumps(to_dict(config), indent=2))
+    return bool(args.print_config)
 
 
 def train_config(args: argparse.Namespace, extra: Sequence[str]) -> TrainConfig:
     """The run's settings: a recipe (`--recipe`) or a config file (`--config`, e.g. a run's
     `train_config.json` or what `--print-config` wrote), then any `--key value` after them,
     nested groups as `--model.key`, `--data.key`, `--tasks.key`."""
-    base = load_json(TrainConfig, args.config) if args.config else recipe(args.recipe)
     where = f"--config {args.config}" if args.config else f"--recipe {args.recipe}"
     # --out is the one name for "where results go" in every command.
     flags = [_renamed(a, "--out", "--output-dir") for a in extra]
     return settings(
-        TrainConfig, base, args, flags, f"Settings of the run (defaults: {where}); set any as --key value."
+        TrainConfig,
+        recipe(args.recipe),
+        args,
+        flags,
+        f"Settings of the run (defaults: {where}); set any as --key value.",
     )
 
 
@@ -58,8 +70,7 @@ def _renamed(flag: str, old: str, new: str) -> str:
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     config = train_config(args, extra)
-    if args.print_config:
-        print(json.dumps(to_dict(config), indent=2))
+    if _printed(config, args):
         return 0
     if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from .training.distributed import launch
@@ -218,6 +229,8 @@ def cmd_chat(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from .pipeline import Fromage
 
     config = settings(ChatConfig, ChatConfig(), args, extra, "Answer settings; set any as --key value.")
+    if _printed(config, args):
+        return 0
     bot = Fromage.from_pretrained(_model(args), index=args.index, device=args.device)
     run_terminal(bot, config, save=args.save)
     return 0
@@ -235,6 +248,8 @@ def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from .config import ServeConfig
 
     config = settings(ServeConfig, ServeConfig(), args, extra, "Server limits; set any as --key value.")
+    if _printed(config, args):
+        return 0
     # The key from the environment keeps it out of the process list (`ps` shows flags).
     config.api_key = config.api_key or os.environ.get("FROMAGE_API_KEY", "")
     serve(_model(args), args.index, args.host, args.port, config)
@@ -296,6 +311,12 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
     """A command whose settings dataclass takes the flags it does not know (`settings`): its
     -h shows its own flags, then every setting."""
     p.add_argument("-h", "--help", action="store_true", help="show this help, then every setting, and exit")
+    p.add_argument("--config", help="JSON file of the settings (flags after it still apply)")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resulting settings as JSON (a file for --config) and exit",
+    )
     p.set_defaults(parser=p)
 
 
@@ -334,12 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
         "the settings are listed below.",
     )
     _settings_flags(p)
-    p.add_argument("--config", help="JSON file with a TrainConfig (settings after it still apply)")
-    p.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the resulting settings as JSON (a file for --config) and exit without training",
-    )
     p.add_argument(
         "--recipe",
         default="quick",

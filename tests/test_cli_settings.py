@@ -106,3 +106,22 @@ def test_a_list_setting_given_twice_is_refused_not_cut_to_its_last_value():
     with pytest.raises(ValueError, match="--allowed-image-hosts given more than once"):
         _parsed(ServeConfig, ["serve", "--allowed-image-hosts", "a.test", "--allowed_image_hosts=b.test"])
     assert _parsed(ChatConfig, ["chat", "--stop", "Q:", "x"]).stop == ("Q:", "x")
+
+
+@pytest.mark.parametrize(
+    ("command", "cls", "flag", "other"),
+    [
+        ("serve", ServeConfig, "--max-body-bytes", "--max-prompt-tokens"),
+        ("chat", ChatConfig, "--memory", "--max-rets"),
+    ],
+)
+def test_print_config_and_config_files_for_every_settings_command(
+    command, cls, flag, other, tmp_path, capsys
+):
+    assert main([command, "--print-config", flag, "7"]) == 0  # prints and exits: no model loaded
+    path = tmp_path / "settings.json"
+    path.write_text(capsys.readouterr().out)
+    field, other_field = flag[2:].replace("-", "_"), other[2:].replace("-", "_")
+    assert getattr(_parsed(cls, [command, "--config", str(path)]), field) == 7
+    later = _parsed(cls, [command, "--config", str(path), other, "3"])  # flags after a file still apply
+    assert getattr(later, field) == 7 and getattr(later, other_field) == 3
