@@ -472,7 +472,9 @@ def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-    return cls(**data)
+    # JSON has no tuples: a tuple field (stop strings, allowed hosts) comes back as a list.
+    tuples = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, tuple)}  # type: ignore[arg-type]
+    return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in data.items()})
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:

@@ -125,3 +125,4 @@ def test_print_config_and_config_files_for_every_settings_command(
     assert getattr(_parsed(cls, [command, "--config", str(path)]), field) == 7
     later = _parsed(cls, [command, "--config", str(path), other, "3"])  # flags after a file still apply
     assert getattr(later, field) == 7 and getattr(later, other_field) == 3
+    assert later == _parsed(cls, [command, flag, "7", other, "3"])  # tuples stay tuples through JSON
