@@ -150,7 +150,7 @@ class DataConfig:
     """The captioning pass predicts only a dialogue's last answer; its questions and earlier
     rounds are context, as a user's question is at inference (the ship recipe's second stage).
     False (what older configs ran) predicts the whole text: the model then learns to write
-    `Q: …` after an image, and greedy easy-VQA captions were questions 4 times in 10
+    `Q: …` after an image, and greedy easy-VQA captions were questions for at least a third of images
     (BENCHMARKS.md, "The shipped model")."""
     qa_retrieval_forms: int = 0
     """Dialogues per such image whose answers determine it, added to retrieval refinement
