@@ -262,6 +262,13 @@ class TrainConfig:
     """Steps of retrieval-map refinement on cached `[RET]` states after the joint loop
     (batch `refine_batch_size`; 0 = off). See training/refine.py."""
     refine_batch_size: int = 512
+    refine_contexts: int = 0
+    """Context prompts (stories, chats, categories, ...) drawn once from the task mix (`tasks`)
+    for refinement, their `[RET]` states computed after the loop; 0 = captions and their
+    variants only. Without them refinement re-fits the maps to lone texts and can undo what
+    the loop learned about context (BENCHMARKS.md, "Stage 2")."""
+    refine_context_share: float = 0.25
+    """Share of each refinement batch taken by those context prompts."""
     refine_max_examples: int = 200_000
     """Refinement reads the cached `[RET]` state of every training caption; above this many
     examples it uses a random sample of them (the state table is examples x hidden size)."""
@@ -319,6 +326,10 @@ class TrainConfig:
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
         if self.refine_steps < 0:
             raise ValueError(f"refine_steps must be >= 0, got {self.refine_steps}")
+        if self.refine_contexts < 0:
+            raise ValueError(f"refine_contexts must be >= 0, got {self.refine_contexts}")
+        if not 0.0 <= self.refine_context_share < 1.0:
+            raise ValueError(f"refine_context_share must be in [0, 1), got {self.refine_context_share}")
         for name in (
             "max_steps",
             "batch_size",

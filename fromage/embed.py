@@ -6,7 +6,8 @@ training (prefix states), validation, evaluation, indexing and the pipeline alik
 - `layout_prompt`: `[BOS]` + each piece's tokens or k image slots (the one prompt layout).
 - `padded_forward` / `ret_hidden_batch`: left-padded prompts (+ `[RET]`) through the model in
   one pass; → the `[RET]` state of each row.
-- `prompt_embeddings`: prompts → (Q, R) retrieval vectors, batched in length order.
+- `prompt_states` / `prompt_embeddings`: prompts → (Q, d) `[RET]` states / (Q, R) retrieval
+  vectors, batched in length order.
 - `fill_states` / `embed_texts`: token lists → `[RET]` states / retrieval vectors, with a cache
   of states that stays valid while `[RET]` is unchanged.
 - `embed_images`: (N, F) image features → (N, R) retrieval vectors.
@@ -100,6 +101,29 @@ def ret_hidden_batch(
 
 
 @torch.no_grad()
+def prompt_states(
+    model: FromageModel,
+    rows: Sequence[Sequence[int]],
+    features: Sequence[torch.Tensor | None],
+    pad_id: int,
+    batch_size: int = 32,
+    desc: str | None = None,
+    embed: bool = False,
+) -> torch.Tensor:
+    """Prompts + `[RET]` → (Q, d) `[RET]` states, or (Q, R) retrieval vectors when `embed`,
+    run in length order so little compute goes to padding (a progress bar when `desc` is given)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = torch.empty(len(rows), model.config.retrieval_dim if embed else model.config.hidden_size)
+    bar = tqdm(total=len(rows), desc=desc, unit="query", leave=False, disable=desc is None)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        hidden = ret_hidden_batch(model, [rows[i] for i in chunk], [features[i] for i in chunk], pad_id)
+        out[torch.tensor(chunk)] = (model.text_embeddings(hidden) if embed else hidden).float().cpu()
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
 def prompt_embeddings(
     model: FromageModel,
     rows: Sequence[Sequence[int]],
@@ -108,18 +132,8 @@ def prompt_embeddings(
     batch_size: int = 32,
     desc: str | None = None,
 ) -> torch.Tensor:
-    """Prompts + `[RET]` → (Q, R) retrieval vectors, run in length order so little compute goes
-    to padding (a progress bar when `desc` is given)."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = torch.empty(len(rows), model.config.retrieval_dim)
-    bar = tqdm(total=len(rows), desc=desc, unit="query", leave=False, disable=desc is None)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        hidden = ret_hidden_batch(model, [rows[i] for i in chunk], [features[i] for i in chunk], pad_id)
-        out[torch.tensor(chunk)] = model.text_embeddings(hidden).float().cpu()
-        bar.update(len(chunk))
-    bar.close()
-    return out
+    """Prompts + `[RET]` → (Q, R) retrieval vectors (`prompt_states` with `embed`)."""
+    return prompt_states(model, rows, features, pad_id, batch_size, desc, embed=True)
 
 
 # ---------------------------------------------------------------------- texts and images

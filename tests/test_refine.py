@@ -63,3 +63,34 @@ def test_pick_texts_draws_variants_at_the_requested_share():
     share = float((pick_texts(table, idx, g, 0.25) % 3 != 0).float().mean())
     assert 0.22 < share < 0.28
     assert torch.equal(pick_texts(table[:, 0], idx, g), idx * 3)  # one text per example
+
+
+def test_context_prompts_take_their_share_and_learn_their_targets():
+    """Context states (C, d) that should retrieve given examples: refining with them puts
+    their targets first; refining on the examples alone does not."""
+    from fromage.training.refine import ContextRows
+
+    def context_loss(with_contexts: bool) -> float:
+        torch.manual_seed(2)
+        model = build_model(dropout=0.0)
+        states, text_of_example, features, groups = _task(model)
+        n = len(states)
+        contexts = torch.randn(n, states.shape[1])  # states unrelated to their targets' captions
+        targets = torch.randperm(n)
+        table = torch.cat([states, contexts])
+        rows = ContextRows(torch.arange(n, 2 * n), targets, 0.5)
+        refine_retrieval(
+            model,
+            table,
+            text_of_example,
+            features[:1],
+            groups,
+            steps=200,
+            batch_size=12,
+            lr=1e-2,
+            progress=False,
+            contexts=rows if with_contexts else None,
+        )
+        return _loss(model, table, rows.rows[targets.argsort()], features, groups)
+
+    assert context_loss(True) < 0.5 * context_loss(False)

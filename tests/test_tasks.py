@@ -82,3 +82,22 @@ def test_contexts_change_what_is_learned(tiny_world, tmp_path):  # noqa: F811
     a = load_file(str(tmp_path / "with" / "checkpoint" / "model.safetensors"))
     b = load_file(str(tmp_path / "without" / "checkpoint" / "model.safetensors"))
     assert not torch.equal(a["ret_embedding"], b["ret_embedding"])
+
+
+def test_refinement_reads_context_prompts_when_asked(tiny_world, tmp_path):  # noqa: F811
+    """`refine_contexts` draws prompts from the task mix (here without contexts in the loop),
+    computes their `[RET]` states and gives them a share of each refinement batch: the maps
+    end elsewhere than after refinement on captions alone."""
+    from safetensors.torch import load_file
+
+    from fromage.training.loop import train
+
+    for name, n in (("with", 12), ("without", 0)):
+        train(tiny_config(tiny_world, tmp_path / name, max_steps=2, refine_steps=10, refine_contexts=n))
+    summary = json.loads((tmp_path / "with" / "summary.json").read_text())
+    assert summary["refine/contexts"] == 12
+    assert json.loads((tmp_path / "without" / "summary.json").read_text())["refine/contexts"] == 0
+    a = load_file(str(tmp_path / "with" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "without" / "checkpoint" / "model.safetensors"))
+    assert torch.equal(a["ret_embedding"], b["ret_embedding"])  # the loop is the same
+    assert not torch.equal(a["text_ret_map.weight"], b["text_ret_map.weight"])

@@ -22,14 +22,28 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
-from ..embed import StateCache, fill_states, ret_states
+from ..embed import StateCache, fill_states, layout_prompt, prompt_states, ret_states
 from ..losses import contrastive_loss
 from ..model import FromageModel
 from .prefixes import RowSubset
 from .step import StepData
+from .tasks import TaskSampler
 from .texts import TrainTexts, retrieval_variants
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ContextRows:
+    """Context prompts (stories, chats, "[apple] and [banana] show me another fruit") for
+    refinement: rows of the state table and the examples they should retrieve, and the share
+    of each batch they take."""
+
+    rows: torch.Tensor
+    """(C,) rows of `states`."""
+    targets: torch.Tensor
+    """(C,) example indices (rows of `text_of_example`)."""
+    share: float
 
 
 @dataclass
@@ -71,6 +85,7 @@ def refine_retrieval(
     seed: int = 0,
     progress: bool = True,
     variant_share: float | torch.Tensor = 0.5,
+    contexts: ContextRows | None = None,
 ) -> RefineResult:
     """Train `text_ret_map`, `image_ret_map` and `logit_scale` on fixed `[RET]` states.
 
@@ -89,25 +104,28 @@ def refine_retrieval(
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, n)
+    n_context = round(batch_size * contexts.share) if contexts is not None and len(contexts.rows) else 0
+    n_example = batch_size - n_context
     order: list[int] = []
+    context_order: list[int] = []
     was_training = model.training
     model.train()
     first = last = float("nan")
     bar = tqdm(range(steps), desc="refine retrieval", unit="step", leave=False, disable=not progress)
     try:
         for step in bar:
-            if len(order) < batch_size:
-                fresh = list(range(n))
-                rng.shuffle(fresh)
-                order += fresh
-            idx = torch.tensor(order[:batch_size])
-            del order[:batch_size]
+            idx = _next(order, n_example, n, rng)
+            drawn = (
+                _next(context_order, n_context, len(contexts.rows), rng) if contexts and n_context else None
+            )
             view = torch.randint(0, features.shape[0], (batch_size,), generator=generator)
             for group in optimizer.param_groups:
                 group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(steps, 1))))
-            text = model.text_embeddings(
-                states[pick_texts(text_of_example, idx, generator, variant_share)].to(device)
-            )
+            rows = pick_texts(text_of_example, idx, generator, variant_share)
+            if contexts is not None and drawn is not None:
+                rows = torch.cat([rows, contexts.rows[drawn]])
+                idx = torch.cat([idx, contexts.targets[drawn]])
+            text = model.text_embeddings(states[rows].to(device))
             image = model.image_embeddings(features[view, idx].to(device))
             loss, _ = contrastive_loss(text, image, model.logit_scale, group_ids[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -121,6 +139,17 @@ def refine_retrieval(
     finally:
         model.train(was_training)
     return RefineResult(steps, first, last)
+
+
+def _next(order: list[int], k: int, n: int, rng: random.Random) -> torch.Tensor:
+    """The next `k` of an epoch-wise shuffle of range(n) (refilled from `rng` when short)."""
+    while len(order) < k:
+        fresh = list(range(n))
+        rng.shuffle(fresh)
+        order += fresh
+    taken = torch.tensor(order[:k], dtype=torch.long)
+    del order[:k]
+    return taken
 
 
 def refine_after_loop(
@@ -161,9 +190,16 @@ def refine_after_loop(
         ]
     )
     whole = len(chosen) == len(split)
+    state_table = torch.stack(list(state_cache.values()))
+    contexts = None
+    if config.refine_contexts and config.refine_context_share:
+        context_states, targets = _context_states(model, data, config, chosen)
+        rows = torch.arange(len(state_table), len(state_table) + len(targets))
+        state_table = torch.cat([state_table, context_states])
+        contexts = ContextRows(rows, targets, config.refine_context_share)
     result = refine_retrieval(
         model,
-        torch.stack(list(state_cache.values())),
+        state_table,
         table,
         split.features if whole else split.features[:, torch.tensor(chosen)],
         data.group_ids if whole else data.group_ids[torch.tensor(chosen)],
@@ -172,6 +208,7 @@ def refine_after_loop(
         lr=config.refine_lr,
         seed=config.seed,
         variant_share=torch.tensor(shares),
+        contexts=contexts,
     )
     log.info(
         "retrieval refinement: %d steps, loss %.3f -> %.3f", result.steps, result.first_loss, result.last_loss
@@ -180,5 +217,33 @@ def refine_after_loop(
         "refine/first_loss": result.first_loss,
         "refine/last_loss": result.last_loss,
         "refine/seconds": time.time() - t0,
+        "refine/contexts": 0 if contexts is None else len(contexts.rows),
     }
     return metrics, state_cache
+
+
+def _context_states(
+    model: FromageModel, data: StepData, config: TrainConfig, chosen: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`config.refine_contexts` prompts drawn from the task mix (the loop's kinds, families and
+    templates; images read as themselves, view 0) → ((C, d) `[RET]` states, (C,) positions of
+    their targets in `chosen`). Prompts whose target is outside `chosen` are dropped."""
+    if data.tokenize is None:
+        raise ValueError("refinement contexts need StepData.tokenize")
+    position = {row: j for j, row in enumerate(chosen)}
+    sampler = TaskSampler(data.split.examples, config.tasks)
+    queries = [
+        q
+        for q in sampler.draw(config.refine_contexts, random.Random(config.seed + 3))
+        if q.target in position
+    ]
+    k, features = model.config.num_visual_tokens, data.split.features[0]
+    rows, images = [], []
+    for q in queries:
+        ids, at = layout_prompt(q.pieces, data.tokenize, data.special.bos, k)
+        rows.append(ids)
+        images.append(torch.stack([features[int(q.pieces[i])] for i in at]) if at else None)
+    states = prompt_states(model, rows, images, data.special.pad, desc="refinement contexts")
+    targets = torch.tensor([position[q.target] for q in queries], dtype=torch.long)
+    log.info("refinement contexts: %d prompts", len(queries))
+    return states, targets
