@@ -2,16 +2,18 @@
 fraction of the bound it sets (issue #17).
 
     .venv/bin/python bench/bandwidth.py [--checkpoint DIR] [--mb 512] [--runs 10] [--rounds 3]
+                                        [--lm-weights float32,bfloat16,int8]
 
 1. Triad `a = b + s·c` over three float32 arrays of `--mb` MB each (several times any
    last-level cache), in torch with the threads decoding uses; bytes counted as STREAM does
    (read b and c, write a: 3 × size per run); best of `--runs`.
-2. Single-stream decode of the embedded default (SmolLM2-135M, weights stored in bf16, the
-   fused Llama step): 64 new tokens after a 32-token prompt, greedy, EOS ignored; tokens/s
-   from the first token to the last (prefill left out), best round.
-3. Bytes read per token: every weight the step multiplies (the fused per-layer matrices in
-   bf16, the output head in its storage dtype, the norms) plus the KV cache read at the mean
-   position. The bound is bandwidth ÷ bytes per token; the fraction is decode ÷ bound.
+2. Single-stream decode of the embedded default (SmolLM2-135M, the fused Llama step) with the
+   linear weights stored in each of `--lm-weights` (float32, bf16, int8 rows with scales):
+   64 new tokens after a 32-token prompt, greedy, EOS ignored; tokens/s from the first token
+   to the last (prefill left out), best of interleaved rounds.
+3. Bytes read per token, per storage: every weight the step multiplies (the fused per-layer
+   matrices and the output head in their storage, the norms) plus the KV cache read at the
+   mean position. The bound is bandwidth ÷ bytes per token; the fraction is decode ÷ bound.
 
 The triad and the decode run in the same process, one after the other, with the load average
 recorded before each.
@@ -26,6 +28,7 @@ import time
 import torch
 
 from fromage.backbones import load_lm
+from fromage.backbones.lm import WEIGHT_STORAGE
 from fromage.config import TrainConfig
 from fromage.generate import GenerationConfig, decode
 from fromage.model import FromageModel
@@ -51,10 +54,10 @@ def triad_bandwidth(mb: int, runs: int) -> float:
 def bytes_per_token(model: FromageModel) -> int:
     """Bytes the fused step reads per token: its weights, the head, the norms, the KV cache."""
     stepper = model.lm.stepper
-    weights = [*stepper.qkv, *stepper.out, *stepper.gate_up, *stepper.down, *stepper.norm1, *stepper.norm2]
-    total = sum(w.numel() * w.element_size() for w in weights)
-    head = model.lm.head.weight
-    total += head.numel() * head.element_size()
+    total = stepper.weight_bytes
+    head = model.lm.head
+    product = getattr(head, "product", None)  # an int8-stored head
+    total += product.nbytes if product is not None else head.weight.numel() * head.weight.element_size()
     # Keys and values up to the mean position of the generated tokens, float32.
     mean_length = PROMPT_TOKENS + NEW_TOKENS // 2
     total += 2 * stepper.layers * stepper.kv_heads * stepper.head_dim * mean_length * 4
@@ -67,6 +70,9 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=512, help="size of each triad array")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--lm-weights", default="float32,bfloat16,int8", help="comma-separated storages to compare"
+    )
     args = parser.parse_args()
     threads = torch.get_num_threads()
     load = os.getloadavg()[0]
@@ -76,17 +82,9 @@ def main() -> None:
         f"{threads} threads; load average before {load:.2f})"
     )
 
-    if args.checkpoint:
-        model = FromageModel.from_pretrained(args.checkpoint, load_encoder=False)
-        tokenizer = load_lm(model.config.lm)[1]
-    else:
-        config = TrainConfig().model
-        lm, tokenizer = load_lm(config.lm)
-        model = FromageModel(config, lm, feature_dim=1280)
-    model.eval()
-    model.lm.store_weights_bf16()
-    if not model.lm.enable_fast_decode(model.config.ret_layer, torch.bfloat16):
-        raise SystemExit("the fused step needs a Llama-family LM")
+    storages = args.lm_weights.split(",")
+    models = {kind: _model(args.checkpoint, kind) for kind in storages}
+    tokenizer = load_lm(next(iter(models.values())).config.lm)[1]
     text = tokenizer(
         "Q: what is in this picture and what does it remind you of? A:", add_special_tokens=False
     )["input_ids"]
@@ -94,20 +92,41 @@ def main() -> None:
     special = SpecialTokens(bos=tokenizer.bos_token_id, eos=-1, pad=0)  # EOS never matches
     gen = GenerationConfig(max_new_tokens=NEW_TOKENS, max_rets=0)
     load = os.getloadavg()[0]
-    best = 0.0
+    best = dict.fromkeys(storages, 0.0)
     with torch.no_grad():
-        list(decode(model, prompt, None, special, gen))  # warm-up
-        for _ in range(args.rounds):
-            # Steady state: from the first token to the last (the prompt's prefill left out).
-            stamps = [time.perf_counter() for _ in decode(model, prompt, None, special, gen)]
-            best = max(best, (len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    per_token = bytes_per_token(model)
-    bound = bandwidth / per_token
+        for model in models.values():
+            list(decode(model, prompt, None, special, gen))  # warm-up
+        for _ in range(args.rounds):  # interleaved, so noise hits every storage alike
+            for kind, model in models.items():
+                # Steady state: from the first token to the last (the prompt's prefill left out).
+                stamps = [time.perf_counter() for _ in decode(model, prompt, None, special, gen)]
+                best[kind] = max(best[kind], (len(stamps) - 1) / (stamps[-1] - stamps[0]))
     print(
-        f"decode: {best:.1f} tokens/s (best of {args.rounds} rounds of {NEW_TOKENS}; load average before {load:.2f})"
+        f"decode: best of {args.rounds} interleaved rounds of {NEW_TOKENS} tokens; load average before {load:.2f}"
     )
-    print(f"bytes read per token: {per_token / 1e6:.1f} MB; bound = bandwidth / bytes = {bound:.1f} tokens/s")
-    print(f"decode / bound: {best / bound:.2f}")
+    print("\n| LM weights | bytes read per token | bound (tokens/s) | decode (tokens/s) | decode ÷ bound |")
+    print("|---|---:|---:|---:|---:|")
+    for kind, model in models.items():
+        per_token = bytes_per_token(model)
+        bound = bandwidth / per_token
+        print(
+            f"| {kind} | {per_token / 1e6:.1f} MB | {bound:.1f} | {best[kind]:.1f} | {best[kind] / bound:.2f} |"
+        )
+
+
+def _model(checkpoint: str, kind: str) -> FromageModel:
+    """The embedded default (or a checkpoint) with its linear weights stored as `kind`, decoding
+    with the lean step (float32 included: the step, not the Hugging Face layers)."""
+    if checkpoint:
+        model = FromageModel.from_pretrained(checkpoint, load_encoder=False)
+    else:
+        config = TrainConfig().model
+        model = FromageModel(config, load_lm(config.lm)[0], feature_dim=1280)
+    model.eval()
+    model.lm.store_weights(kind, model.config.ret_layer)
+    if not model.lm.enable_fast_decode(model.config.ret_layer, WEIGHT_STORAGE[kind]):
+        raise SystemExit("the fused step needs a Llama-family LM")
+    return model
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@
   interleaved prompt (text, one image = k visual tokens, text);
 - `decode` vs `transformers`' own `generate()` on the same text-only prompt.
 Rounds interleave the contenders so machine noise hits all alike. Weights do not change the
-speed; an untrained model is used when no checkpoint is given. `--lm-weights bfloat16` stores
-the frozen LM's linear weights in bf16 (backbones/bf16_weights.py) for *every* contender,
-`generate()` included, and lets `decode`'s cached steps use the lean fused Llama step
-(backbones/fast_llama.py, tested token for token against the Hugging Face layers).
+speed; an untrained model is used when no checkpoint is given. `--lm-weights bfloat16` (or `int8`)
+stores the frozen LM's linear weights in bf16 (backbones/bf16_weights.py; int8 rows with
+scales, backbones/int8_weights.py) for *every* contender, `generate()` included, and lets
+`decode`'s cached steps use the lean fused Llama step (backbones/fast_llama.py, tested token
+for token against the Hugging Face layers); recomputation on float32 weights then joins as
+the strongest baseline, and the ratio is also given against the fastest recomputation.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from fromage.backbones import load_lm
+from fromage.backbones.lm import WEIGHT_STORAGE
 from fromage.config import TrainConfig
 from fromage.generate import GenerationConfig, decode, decode_batch
 from fromage.model import FromageModel
@@ -49,7 +52,7 @@ def main() -> None:
     parser.add_argument(
         "--lm-weights",
         default="float32",
-        choices=["float32", "bfloat16"],
+        choices=list(WEIGHT_STORAGE),
         help="storage of the frozen LM's linear weights (activations stay float32)",
     )
     args = parser.parse_args()
@@ -63,11 +66,9 @@ def main() -> None:
         lm, tokenizer = load_lm(config.lm)
         model = FromageModel(config, lm, feature_dim=1280)
     model.eval()
-    if args.lm_weights == "bfloat16":
-        model.lm.store_weights_bf16()
-        # decode's cached steps use the lean fused Llama step; recomputation and generate()
-        # run the Hugging Face layers on the same bf16-stored weights.
-        model.lm.enable_fast_decode(model.config.ret_layer, torch.bfloat16)
+    # bf16/int8: decode's cached steps use the lean fused Llama step; recomputation and
+    # generate() run the Hugging Face layers on the same stored weights.
+    model.lm.store_weights(args.lm_weights, model.config.ret_layer)
     if dtype != torch.float32:  # HF generate() runs the same weights as decode
         model.lm.model.to(dtype)
     k = model.config.num_visual_tokens
@@ -108,24 +109,31 @@ def main() -> None:
         "text-only, KV cache (decode)": ours(text_only, None, True),
         "text-only, transformers generate()": hf,
     }
-    if args.lm_weights == "bfloat16" and args.checkpoint:
-        # The strongest baseline too: recomputation with the float32 weights (no upcasts).
-        fp32 = FromageModel.from_pretrained(args.checkpoint, load_encoder=False).eval()
+    if args.lm_weights != "float32":
+        # The strongest baseline too: recomputation with the float32 weights (no upcasts or
+        # dequantisation of every weight in every forward).
+        fp32 = (
+            FromageModel.from_pretrained(args.checkpoint, load_encoder=False)
+            if args.checkpoint
+            else FromageModel(TrainConfig().model, load_lm(TrainConfig().model.lm)[0], feature_dim=1280)
+        ).eval()
         contenders["interleaved, full recomputation, fp32 weights"] = lambda: len(
             list(decode(fp32, interleaved, feats, special, gen, use_cache=False))
         )
+    load = os.getloadavg()[0]
     rate = tokens_per_second(contenders, args.rounds)
     print(
         f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, {args.rounds} rounds, "
-        f"{torch.get_num_threads()} threads, LM {args.dtype}, linear weights {args.lm_weights}"
+        f"{torch.get_num_threads()} threads, LM {args.dtype}, linear weights {args.lm_weights}; "
+        f"load average before {load:.2f}, after {os.getloadavg()[0]:.2f}"
     )
     for name in contenders:
         print(f"{name:>36}: {rate[name]:7.1f} tokens/s")
     names = list(contenders)
     print(f"KV cache / full recomputation: {rate[names[0]] / rate[names[1]]:.2f}x")
+    best = max((n for n in names if "full recomputation" in n), key=rate.__getitem__)
+    print(f"KV cache / the fastest full recomputation ({best}): {rate[names[0]] / rate[best]:.2f}x")
     print(f"decode / transformers generate (text-only): {rate[names[2]] / rate[names[3]]:.2f}x")
-    if len(names) > 4:
-        print(f"KV cache / fp32-weight recomputation: {rate[names[0]] / rate[names[4]]:.2f}x")
 
 
 def tokens_per_second(contenders: dict[str, Callable[[], int]], rounds: int) -> dict[str, float]:

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from .backbones import load_tokenizer
+from .backbones.lm import WEIGHT_STORAGE
 from .checkpoint import checkpoint_digest, resolve
 from .data.digest import file_digest
 from .data.images import load_image
@@ -96,15 +97,15 @@ class Fromage:
     ) -> Fromage:
         """`dtype` converts the whole frozen LM; `lm_weights="bfloat16"` instead stores only its
         linear weights in bf16 with float32 activations and, for Llama-family LMs, decodes with
-        the lean fused step (backbones/fast_llama.py): ~2× faster decoding on CPU (the default;
-        `lm_weights="float32"` keeps the exact float32 model)."""
-        if lm_weights not in ("float32", "bfloat16"):
-            raise ValueError(f"lm_weights must be 'float32' or 'bfloat16', got {lm_weights!r}")
+        the lean fused step (backbones/fast_llama.py): ~1.5× faster decoding on CPU (the
+        default). `lm_weights="int8"` stores them as int8 rows with a scale each
+        (backbones/int8_weights.py): ~1.5× faster again, with rounding of the weights to 8 bits;
+        `lm_weights="float32"` keeps the exact float32 model (BENCHMARKS.md, issue #17)."""
+        if lm_weights not in WEIGHT_STORAGE:
+            raise ValueError(f"lm_weights must be one of {', '.join(WEIGHT_STORAGE)}; got {lm_weights!r}")
         checkpoint = resolve(checkpoint, revision)  # a local directory, or a Hub id fetched once
         model = FromageModel.from_pretrained(checkpoint, device=device, dtype=dtype)
-        if lm_weights == "bfloat16":
-            model.lm.store_weights_bf16()
-            model.lm.enable_fast_decode(model.config.ret_layer, torch.bfloat16)
+        model.lm.store_weights(lm_weights, model.config.ret_layer)
         loaded = None
         if index is not None:
             loaded = ImageIndex.load(index, checkpoint_digest=checkpoint_digest(checkpoint))

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fromage.backbones.fast_llama import supports
+from fromage.backbones.fast_llama import BF16Product, supports
+from fromage.backbones.int8_weights import Int8Product, Int8WeightLinear
 from fromage.generate import GenerationConfig
 
 from .conftest import build_model, tiny_gpt2, tiny_llama, tiny_opt
@@ -45,13 +46,44 @@ def test_fast_llama_step_in_bfloat16_matches_rounded_weights_for_whole_answers(s
     reference = _run(rounded, special, config, use_cache=True)
     model.lm.store_weights_bf16()
     assert model.lm.enable_fast_decode(model.config.ret_layer, torch.bfloat16)
-    assert model.lm.stepper.qkv[0].dtype == torch.bfloat16
+    assert isinstance(model.lm.stepper.qkv[0], BF16Product)
     fast = _run(model, special, config, use_cache=True)
     assert [s.token_id for s in fast] == [s.token_id for s in reference]
     assert sum(s.ret_hidden is not None for s in fast) == 2
     for a, b in zip(fast, reference, strict=True):
         if b.ret_hidden is not None:
             # bf16 activations in the lean step's products: close, not equal.
+            torch.testing.assert_close(a.ret_hidden, b.ret_hidden, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fast_llama_step_in_int8_matches_dequantised_weights_for_whole_answers(tied, special):
+    """Int8-stored weights (every linear layer and the head) with the lean step, against the
+    naive twin: the Hugging Face float32 path on the dequantised weights, token for token over
+    whole answers, `[RET]` states included."""
+    import copy
+
+    model = build_model(tiny_llama(tied=tied, layers=3), ret_layer=2).eval()
+    assert model.lm.store_weights_int8() > 0
+    twin = copy.deepcopy(model)
+    for parent in list(twin.lm.model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Int8WeightLinear):
+                plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                plain.weight.data = child.weight
+                if child.bias is not None:
+                    plain.bias.data = child.bias
+                setattr(parent, name, plain)
+    twin.lm.head = twin.lm.model.get_output_embeddings()
+    config = GenerationConfig(max_new_tokens=16, ret_scale_factor=1e4, min_word_tokens=3, max_rets=2)
+    reference = _run(twin, special, config, use_cache=True)
+    assert model.lm.enable_fast_decode(model.config.ret_layer, torch.int8)
+    assert isinstance(model.lm.stepper.qkv[0], Int8Product)
+    fast = _run(model, special, config, use_cache=True)
+    assert [s.token_id for s in fast] == [s.token_id for s in reference]
+    assert sum(s.ret_hidden is not None for s in fast) == 2
+    for a, b in zip(fast, reference, strict=True):
+        if b.ret_hidden is not None:
             torch.testing.assert_close(a.ret_hidden, b.ret_hidden, atol=5e-2, rtol=5e-2)
 
 

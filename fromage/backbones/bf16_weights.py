@@ -47,16 +47,3 @@ class BF16WeightLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=bfloat16"
-
-
-def store_linear_weights_bf16(module: nn.Module, max_rows: int = 32) -> int:
-    """Replace every `nn.Linear` under `module` (in place) by a `BF16WeightLinear`; returns how
-    many were replaced. Tied weights are copied: an embedding that shares the output head's
-    weight keeps its own float32 copy."""
-    replaced = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, BF16WeightLinear(child, max_rows))
-                replaced += 1
-    return replaced

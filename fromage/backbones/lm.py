@@ -14,6 +14,9 @@ import torch
 from torch import nn
 
 # Attribute names of the final norm on the decoder stack, per architecture family.
+WEIGHT_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+"""How the frozen LM's linear weights may be stored for inference (`FrozenLM.store_weights`)."""
+
 _FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
 
 
@@ -72,14 +75,46 @@ class FrozenLM(nn.Module):
         self.stepper = LlamaStepper(self.model, ret_layer, dtype) if supports(self.model) else None
         return self.stepper is not None
 
+    def store_weights(self, kind: str, ret_layer: int) -> bool:
+        """Store the frozen linear weights as `kind` ("bfloat16" or "int8"; "float32" leaves
+        them as they are and the Hugging Face layers decode) and decode token by token with
+        the lean step on them where the architecture allows; returns whether it does."""
+        if kind not in WEIGHT_STORAGE:
+            raise ValueError(f"LM weight storage must be one of {', '.join(WEIGHT_STORAGE)}; got {kind!r}")
+        if kind == "float32":
+            return False
+        if kind == "bfloat16":
+            self.store_weights_bf16()
+        else:
+            self.store_weights_int8()
+        return self.enable_fast_decode(ret_layer, WEIGHT_STORAGE[kind])
+
     def store_weights_bf16(self) -> int:
         """Keep the frozen linear weights in bfloat16 (activations stay float32): ~2× faster
         token-by-token decoding on CPU (backbones/bf16_weights.py). Returns layers replaced."""
-        from .bf16_weights import store_linear_weights_bf16
+        from .bf16_weights import BF16WeightLinear
 
+        return self._store_weights(BF16WeightLinear)
+
+    def store_weights_int8(self) -> int:
+        """Keep the frozen linear weights as int8 rows with one scale each (activations stay
+        float32): half the bytes of bf16 for each decoded token (backbones/int8_weights.py).
+        Returns layers replaced."""
+        from .int8_weights import Int8WeightLinear
+
+        return self._store_weights(Int8WeightLinear)
+
+    def _store_weights(self, kind: type[nn.Module]) -> int:
+        """Replace every `nn.Linear` of the LM (in place) by `kind(linear)`. Tied weights are
+        copied: an embedding that shares the output head's weight keeps its own float32 copy."""
         if self.dtype != torch.float32:
-            raise ValueError(f"bf16 weight storage needs a float32 LM, this one is {self.dtype}")
-        replaced = store_linear_weights_bf16(self.model)
+            raise ValueError(f"{kind.__name__} storage needs a float32 LM, this one is {self.dtype}")
+        replaced = 0
+        for parent in list(self.model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, kind(child))
+                    replaced += 1
         self.head = self.model.get_output_embeddings()  # the replaced module
         return replaced
 

@@ -1,0 +1,90 @@
+"""Frozen linear weights stored as int8, one scale per output row (weight-only quantisation).
+
+Decoding one token reads every weight once; int8 halves the bytes of bf16. PyTorch's CPU kernel
+`torch._weight_int8pack_mm` (bf16 activations × int8 weights × bf16 row scales, the kernel
+gpt-fast and torchao use) reads them at close to the memory bandwidth on this machine:
+measured 2026-12-02 (torch 2.13, 2 cores, AVX-512), one row × a 3072×576 weight takes 75 µs
+against 160–192 µs for the bf16 product and 216 µs in float32 (`bench/bandwidth.py`).
+
+Quantisation is symmetric per output row: `w ≈ q · scale`, `q` in [-127, 127], `scale` =
+max |w| of the row / 127. The naive twin of every product here is the float32 product with
+the dequantised weight `q · scale` (tests/test_fast_llama.py): the only other change is the
+bf16 rounding of the inputs and outputs of each product.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight → ((out, in) int8, (out,) float32 scales), w ≈ q · scale[:, None]."""
+    w = weight.detach().float()
+    scale = w.abs().amax(1).clamp(min=1e-12) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weight the int8 products stand for."""
+    return q.float() * scale.float()[:, None]
+
+
+class Int8Product:
+    """`x @ w.T` for one frozen weight held as int8 rows: x (r, in) float32 → (r, out) float32.
+    The scales are kept in bf16, which the kernel takes, and rounded there once."""
+
+    def __init__(self, weight: torch.Tensor):
+        q, scale = quantize_rows(weight)
+        self.q = q
+        self.scale = scale.to(torch.bfloat16)
+
+    @classmethod
+    def stacked(cls, parts: list[Int8Product]) -> Int8Product:
+        """One product for several weights stacked along their outputs (fused q/k/v): the
+        rows and their scales are concatenated as they are, no second rounding."""
+        out = cls.__new__(cls)
+        out.q = torch.cat([p.q for p in parts]).contiguous()
+        out.scale = torch.cat([p.scale for p in parts])
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * 2
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_rows(self.q, self.scale)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale).float()
+
+
+class Int8WeightLinear(nn.Module):
+    """An `nn.Linear` whose frozen weight is stored as int8 rows: few rows (decode steps) use
+    the int8 kernel; more rows (prefill) multiply by the dequantised weight in float32."""
+
+    def __init__(self, linear: nn.Linear, max_rows: int = 32):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.max_rows = max_rows
+        self.product = Int8Product(linear.weight)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised float32 weight (what prefill multiplies by; the tests' naive twin)."""
+        return self.product.dequantized()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (…, in) → (…, out)
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows <= self.max_rows:
+            out = self.product(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1).to(x.dtype)
+        else:
+            out = F.linear(x, self.weight.to(x.dtype))
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8"
