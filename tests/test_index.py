@@ -167,7 +167,7 @@ def pq_data() -> np.ndarray:
 
 def test_ivfpq_finds_the_brute_force_neighbours_of_held_out_queries(pq_data):
     index = ImageIndex.build(pq_data, _meta(len(pq_data)), "e", "c", "ivfpq")
-    assert index.manifest.params["rerank"] == 10 and index.manifest.params["pq_bytes"] == 8
+    assert index.manifest.params["rerank"] == 20 and index.manifest.params["pq_bytes"] == 8
     queries = _clustered(200, seed=7)  # not indexed
     scores, got = index.search(queries, 10)
     want_scores, want = brute_force_search(pq_data, queries, 10)
@@ -240,6 +240,10 @@ def test_exact_search_in_row_chunks_equals_brute_force():
     s, i = rescore(data, queries, candidates, 7, block=3)
     np.testing.assert_array_equal(i, want_i)
     np.testing.assert_allclose(s, want_s, rtol=1e-5, atol=1e-6)
+    # Blocks on threads (7 blocks here) give exactly what one block on this thread gives.
+    one_s, one_i = rescore(data, queries, candidates, 7, block=len(queries))
+    np.testing.assert_array_equal(i, one_i)
+    np.testing.assert_array_equal(s, one_s)
 
 
 def test_manifest_carries_the_measured_recall(tmp_path, pq_data):
@@ -255,7 +259,7 @@ def test_manifest_carries_the_measured_recall(tmp_path, pq_data):
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"pq_bytes": 7}, r"pq_bytes must divide the dimension 32; got 7"),
+        ({"pq_bytes": 7}, r"2 × pq_bytes \(4-bit sub-quantizers\) divides the dimension 32; got 7"),
         ({"nlist": 100, "nprobe": 101}, r"nprobe must be between 1 and nlist \(100\); got 101"),
         ({"nlist": 30_000}, r"nlist <= rows; got nlist 30000 for 20000 rows"),
         ({"train_rows": 100}, r"between max\(nlist, 256\) = 256 and all 20000 rows; got train_rows 100"),
