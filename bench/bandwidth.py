@@ -10,7 +10,8 @@ fraction of the bound it sets (issue #17).
 2. Single-stream decode of the embedded default (SmolLM2-135M, the fused Llama step) with the
    linear weights stored in each of `--lm-weights` (float32, bf16, int8 rows with scales):
    64 new tokens after a 32-token prompt, greedy, EOS ignored; tokens/s from the first token
-   to the last (prefill left out), best of interleaved rounds.
+   to the last (prefill left out), best of interleaved rounds. (The float32 row is the lean
+   step on float32 weights; `Fromage`'s `lm_weights="float32"` runs the Hugging Face layers.)
 3. Bytes read per token, per storage: every weight the step multiplies (the fused per-layer
    matrices and the output head in their storage, the norms) plus the KV cache read at the
    mean position. The bound is bandwidth ÷ bytes per token; the fraction is decode ÷ bound.

@@ -9,7 +9,8 @@ written in chunks to a memory-mapped `embeddings.npy`, exactly what `fromage ind
 Queries are held-out draws from the same mixture (not in the index).
 
 Contenders, all answering the same query batch for top-10, in interleaved rounds:
-- the index: `index.build_faiss(..., "ivfpq")` built from the memmap with its defaults, searched
+- the index: `index.build_faiss(..., "ivfpq")` built from the memmap with its defaults (FAISS
+  fast-scan IVF-PQ, 4-bit codes), searched
   with `index.approximate_search` (PQ candidates re-scored exactly against the memmap), i.e.
   what `ImageIndex.search` runs;
 - brute force with numpy (matmul over the whole matrix in RAM, argpartition) and with torch
@@ -21,6 +22,7 @@ queries/s of each contender (median over rounds) and the ratio to the best brute
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
@@ -125,6 +127,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         data = clustered(Path(tmp) / "embeddings.npy", args.n, args.dim, args.clusters, seed=1)
@@ -189,6 +192,7 @@ def main() -> None:
         f"recall@10 {recall(results['index'], exact):.4f} (PQ codes alone, no re-ranking: {raw:.4f}); "
         f"build {build_s:.1f} s"
     )
+    print(f"load average: {load_before:.2f} before the run, {os.getloadavg()[0]:.2f} after")
 
 
 if __name__ == "__main__":
