@@ -447,7 +447,7 @@ class ChatConfig(GenerationConfig):
     ret_scale_factor: float = 1e4
     """Multiplies the probability of `[RET]`: a chat answers requests with an image, and the small shipped LM gives `[RET]` a low probability even where an image belongs."""
     memory: int = 0
-    """Earlier exchanges (user + answer) each prompt includes; -1: every one that fits the LM's context with the answer (the oldest are dropped first). 0 by default: the shipped model retrieves worse after earlier turns (held-out request forms R@1 0.53 alone, 0.27 after one unrelated exchange; the scripted demo passes 6/7 checks without memory, 3/7 with it; BENCHMARKS.md)."""
+    """Earlier exchanges (user + answer) each prompt includes; -1: every one that fits the LM's context with the answer (the oldest are dropped first). 0 by default: the shipped model retrieves worse after earlier turns (held-out request forms R@1 0.52 alone, 0.30 after one unrelated exchange; the scripted demo passes 6/7 checks without memory, 5/7 with it; BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -6,8 +6,8 @@ training (prefix states), validation, evaluation, indexing and the pipeline alik
 - `layout_prompt`: `[BOS]` + each piece's tokens or k image slots (the one prompt layout).
 - `padded_forward` / `ret_hidden_batch`: left-padded prompts (+ `[RET]`) through the model in
   one pass; → the `[RET]` state of each row.
-- `prompt_states` / `prompt_embeddings`: prompts → (Q, d) `[RET]` states / (Q, R) retrieval
-  vectors, batched in length order.
+- `prompt_states`: prompts → (Q, d) `[RET]` states, or (Q, R) retrieval vectors, batched in
+  length order.
 - `fill_states` / `embed_texts`: token lists → `[RET]` states / retrieval vectors, with a cache
   of states that stays valid while `[RET]` is unchanged.
 - `embed_images`: (N, F) image features → (N, R) retrieval vectors.
@@ -122,18 +122,6 @@ def prompt_states(
         bar.update(len(chunk))
     bar.close()
     return out
-
-
-def prompt_embeddings(
-    model: FromageModel,
-    rows: Sequence[Sequence[int]],
-    features: Sequence[torch.Tensor | None],
-    pad_id: int,
-    batch_size: int = 32,
-    desc: str | None = None,
-) -> torch.Tensor:
-    """Prompts + `[RET]` → (Q, R) retrieval vectors (`prompt_states` with `embed`)."""
-    return prompt_states(model, rows, features, pad_id, batch_size, desc, embed=True)
 
 
 # ---------------------------------------------------------------------- texts and images

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -30,41 +32,19 @@ def test_fast_llama_step_equals_the_hugging_face_path(tied, ret_layer, special):
     ]
 
 
-def test_fast_llama_step_in_bfloat16_matches_rounded_weights_for_whole_answers(special):
-    """The default decoding path (bf16-stored linear weights, the lean step) against its naive
-    twin: the Hugging Face float32 path on the same weights rounded to bf16, token for token over
-    whole answers, `[RET]` states included. (Before issue #18 only token 0 was compared, and it
-    comes from the prefill, before the lean step runs.)"""
-    import copy
-
-    model = build_model(tiny_llama(tied=True, layers=3), ret_layer=2).eval()
-    rounded = copy.deepcopy(model)
-    for module in rounded.lm.model.modules():
+def _bf16_twin(model):
+    """The Hugging Face float32 path on the weights rounded to bf16."""
+    twin = copy.deepcopy(model)
+    for module in twin.lm.model.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight.data = module.weight.data.bfloat16().float()
-    config = GenerationConfig(max_new_tokens=16, ret_scale_factor=1e4, min_word_tokens=3, max_rets=2)
-    reference = _run(rounded, special, config, use_cache=True)
     model.lm.store_weights_bf16()
-    assert model.lm.enable_fast_decode(model.config.ret_layer, torch.bfloat16)
-    assert isinstance(model.lm.stepper.qkv[0], BF16Product)
-    fast = _run(model, special, config, use_cache=True)
-    assert [s.token_id for s in fast] == [s.token_id for s in reference]
-    assert sum(s.ret_hidden is not None for s in fast) == 2
-    for a, b in zip(fast, reference, strict=True):
-        if b.ret_hidden is not None:
-            # bf16 activations in the lean step's products: close, not equal.
-            torch.testing.assert_close(a.ret_hidden, b.ret_hidden, atol=5e-2, rtol=5e-2)
+    return twin
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_fast_llama_step_in_int8_matches_dequantised_weights_for_whole_answers(tied, special):
-    """Int8-stored weights (every linear layer and the head) with the lean step, against the
-    naive twin: the Hugging Face float32 path on the dequantised weights, token for token over
-    whole answers, `[RET]` states included."""
-    import copy
-
-    model = build_model(tiny_llama(tied=tied, layers=3), ret_layer=2).eval()
-    assert model.lm.store_weights_int8() > 0
+def _int8_twin(model):
+    """The Hugging Face float32 path on the dequantised int8 weights (the head's included)."""
+    model.lm.store_weights_int8()
     twin = copy.deepcopy(model)
     for parent in list(twin.lm.model.modules()):
         for name, child in list(parent.named_children()):
@@ -75,15 +55,34 @@ def test_fast_llama_step_in_int8_matches_dequantised_weights_for_whole_answers(t
                     plain.bias.data = child.bias
                 setattr(parent, name, plain)
     twin.lm.head = twin.lm.model.get_output_embeddings()
+    return twin
+
+
+@pytest.mark.parametrize(
+    ("storage", "twin_of", "product"),
+    [(torch.bfloat16, _bf16_twin, BF16Product), (torch.int8, _int8_twin, Int8Product)],
+    ids=["bf16", "int8"],
+)
+@pytest.mark.parametrize("tied", [False, True])
+def test_fast_llama_step_on_stored_weights_matches_its_naive_twin_for_whole_answers(
+    storage, twin_of, product, tied, special
+):
+    """The lean step on bf16- or int8-stored weights against its naive twin, the Hugging Face
+    float32 path on the same rounded weights, token for token over whole answers, `[RET]`
+    states included. (Before issue #18 only token 0 was compared, and it comes from the
+    prefill, before the lean step runs.)"""
+    model = build_model(tiny_llama(tied=tied, layers=3), ret_layer=2).eval()
+    twin = twin_of(model)
     config = GenerationConfig(max_new_tokens=16, ret_scale_factor=1e4, min_word_tokens=3, max_rets=2)
     reference = _run(twin, special, config, use_cache=True)
-    assert model.lm.enable_fast_decode(model.config.ret_layer, torch.int8)
-    assert isinstance(model.lm.stepper.qkv[0], Int8Product)
+    assert model.lm.enable_fast_decode(model.config.ret_layer, storage)
+    assert isinstance(model.lm.stepper.qkv[0], product)
     fast = _run(model, special, config, use_cache=True)
     assert [s.token_id for s in fast] == [s.token_id for s in reference]
     assert sum(s.ret_hidden is not None for s in fast) == 2
     for a, b in zip(fast, reference, strict=True):
         if b.ret_hidden is not None:
+            # bf16 activations in the lean step's products: close, not equal.
             torch.testing.assert_close(a.ret_hidden, b.ret_hidden, atol=5e-2, rtol=5e-2)
 
 

@@ -21,7 +21,7 @@ from ..backbones import load_tokenizer
 from ..data.dataset import extract_features
 from ..data.examples import Example
 from ..data.readers import BadInputLog
-from ..embed import embed_images, layout_prompt, prompt_embeddings
+from ..embed import embed_images, layout_prompt, prompt_states
 from ..generate import greedy_captions
 from ..model import FromageModel
 from ..scoring import candidate_logprobs, shared_candidate_logprobs
@@ -96,13 +96,14 @@ class Evaluator:
     def query_embeddings(self, prompts: Sequence[Prompt], desc: str = "queries") -> torch.Tensor:
         """Prompt + `[RET]` → (Q, R) unit vectors; batched in length order."""
         laid = [self.layout(p) for p in prompts]
-        return prompt_embeddings(
+        return prompt_states(
             self.model,
             [ids for ids, _ in laid],
             [feats for _, feats in laid],
             self.special.pad,
             self.batch_size,
             desc if self.progress else None,
+            embed=True,
         )
 
     @torch.no_grad()

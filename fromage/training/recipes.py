@@ -8,7 +8,8 @@
   directories live under FROMAGE_HOME (`runs/ship`, `runs/ship-continue`), outside the work
   tree, so a run can span several sittings. The second stage starts from the first's
   checkpoint with its own schedule, a mix weighted towards contexts, and answer-only loss on
-  questions; then refinement.
+  questions; then refinement, on captions, their variants and context prompts. Its checkpoint
+  is the shipped `fromage/weights/default`.
 
 ```bash
 fromage train --recipe ship && fromage train --recipe ship-continue
@@ -68,9 +69,12 @@ def ship_continue() -> TrainConfig:
     config.lr = 5e-4
     config.warmup_steps = 50
     # After the loop, refinement fits the retrieval maps (only) to the final `[RET]` states of
-    # captions, requests and dialogues: name → Twitter R@1 0.29 → 0.44 (BENCHMARKS.md, "The
-    # shipped model"). Context is the joint loop's work: its `[RET]` reads stories and chats.
+    # captions, requests and dialogues (name → Twitter R@1 0.31 → 0.43), and of 10,000 prompts
+    # drawn from the task mix for 15% of each batch: without them refinement undoes what the
+    # loop learned about context (BENCHMARKS.md, "Stage 2" and "Contexts in refinement").
     config.refine_steps = 4000
+    config.refine_contexts = 10_000
+    config.refine_context_share = 0.15
     return config
 
 
