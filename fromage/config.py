@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -398,6 +398,8 @@ class ServeConfig:
     """How long a retrieve/caption request waits for others to batch with."""
     chat_batch_size: int = 16
     """Most chat completions decoded together (continuous batching: a new one joins at the next decoding step); 1 = one at a time."""
+    lm_weights: Literal["bfloat16", "int8", "float32"] = "bfloat16"
+    """How the frozen LM's linear weights are stored: bfloat16; int8 (one stream decodes ~1.5× faster, weights rounded to 8 bits, answers can change); float32 (exact, slowest). BENCHMARKS.md, issue #17."""
 
 
 @dataclass

@@ -102,6 +102,16 @@ def test_one_flag_vocabulary(capsys):
     assert "--max-images" in capsys.readouterr().err
 
 
+def test_the_lm_weight_storage_is_a_choice(capsys):
+    assert _parsed(ServeConfig, ["serve", "--lm-weights", "int8"]).lm_weights == "int8"
+    assert ServeConfig().lm_weights == "bfloat16"
+    with pytest.raises(SystemExit):
+        _parsed(ServeConfig, ["serve", "--lm-weights", "int4"])
+    assert build_parser().parse_args(["chat", "--lm-weights", "float32"]).lm_weights == "float32"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["caption", "a.png", "--lm-weights", "fp8"])
+
+
 def test_a_list_setting_given_twice_is_refused_not_cut_to_its_last_value():
     with pytest.raises(ValueError, match="--allowed-image-hosts given more than once"):
         _parsed(ServeConfig, ["serve", "--allowed-image-hosts", "a.test", "--allowed_image_hosts=b.test"])

@@ -134,6 +134,9 @@ def test_cli_retrieve_and_caption(bot, capsys):
     assert str(image) not in out  # the prompt's image is not retrieved
     assert main(["caption", str(image), "--model", str(checkpoint)]) == 0
     assert capsys.readouterr().out.startswith(str(image) + "\t")
+    # The same with the LM's weights stored as int8 rows (issue #17).
+    assert main(["caption", str(image), "--model", str(checkpoint), "--lm-weights", "int8"]) == 0
+    assert capsys.readouterr().out.startswith(str(image) + "\t")
 
 
 def test_split_at_stop_cuts_at_the_first_stop_and_holds_back_partial_ones():

@@ -337,5 +337,6 @@ def serve(
 ) -> None:
     import uvicorn
 
-    bot = Fromage.from_pretrained(checkpoint, index=index)
-    uvicorn.Server(server_config(bot, config or ServeConfig(), host, port)).run()
+    config = config or ServeConfig()
+    bot = Fromage.from_pretrained(checkpoint, index=index, lm_weights=config.lm_weights)
+    uvicorn.Server(server_config(bot, config, host, port)).run()
