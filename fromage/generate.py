@@ -92,7 +92,7 @@ def decode(
     hidden = out.last_hidden[:, -1]
     stepper = model.lm.stepper if use_cache else None
     if stepper is not None:  # the lean Llama step takes over the cache (tested against HF's)
-        stepper.start(cache, ids.shape[1], ids.shape[1] + config.max_new_tokens)
+        step_cache = stepper.start(cache, ids.shape[1], ids.shape[1] + config.max_new_tokens)
     rets = 0
     for produced in range(config.max_new_tokens):
         allow_ret = rets < config.max_rets and produced >= config.min_word_tokens
@@ -101,7 +101,7 @@ def decode(
         if int(token) == special.eos:
             return
         if stepper is not None:
-            hidden, ret_hidden = stepper.step(model.embed_inputs(token[:, None])[:, 0].float())
+            hidden, ret_hidden = stepper.step(model.embed_inputs(token[:, None])[:, 0].float(), step_cache)
             hidden = hidden.to(out.last_hidden.dtype)
         else:
             if use_cache:

@@ -5,7 +5,7 @@ import torch
 
 from fromage.backbones.fast_llama import BF16Product, supports
 from fromage.backbones.int8_weights import Int8Product, Int8WeightLinear
-from fromage.generate import GenerationConfig
+from fromage.generate import GenerationConfig, decode
 
 from .conftest import build_model, tiny_gpt2, tiny_llama, tiny_opt
 from .test_generate import _run
@@ -92,3 +92,19 @@ def test_other_architectures_keep_the_hugging_face_path(special):
         assert not supports(model.lm.model)
         assert not model.lm.enable_fast_decode(1)
         assert len(_run(model, special, GenerationConfig(max_new_tokens=4, max_rets=0), use_cache=True)) == 4
+
+
+def test_two_interleaved_decodes_on_one_model_do_not_share_a_cache(special):
+    """Each `decode` holds its own key/value cache for the lean step: two answers streamed
+    token by token in turn are the answers decoded one after the other."""
+    model = build_model(tiny_llama(tied=True, layers=3), ret_layer=2).eval()
+    assert model.lm.enable_fast_decode(model.config.ret_layer, torch.float32)
+    config = GenerationConfig(max_new_tokens=10, max_rets=0)
+    prompts = [torch.tensor([[1, 5, 6, 7, 8, 9]]), torch.tensor([[1, 9, 3]])]
+    alone = [[s.token_id for s in decode(model, p, None, special, config)] for p in prompts]
+    streams = [decode(model, p, None, special, config) for p in prompts]
+    together: list[list[int]] = [[], []]
+    for a, b in zip(*streams, strict=False):
+        together[0].append(a.token_id)
+        together[1].append(b.token_id)
+    assert alone[0] != alone[1] and together == [alone[0][: len(together[0])], alone[1][: len(together[1])]]

@@ -14,6 +14,7 @@ bias, SiLU gating, RMSNorm; anything else keeps the Hugging Face path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,10 +88,21 @@ def _rotate_half(head_dim: int) -> torch.Tensor:
     return p
 
 
+@dataclass
+class StepCache:
+    """One answer's keys/values for the lean step: (layers, kv heads, max_len, hd) each, float32;
+    `length` positions filled."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int
+
+
 class LlamaStepper:
     """Built once per model (fused weights). `start(cache, length, max_len)` takes over a
-    Hugging Face cache after a prompt; each `step(x)` then runs one token through every layer
-    and returns (last hidden, layer-`ret_layer` hidden), both after the final norm, (1, d).
+    Hugging Face cache after a prompt and returns the answer's own `StepCache`; each
+    `step(x, cache)` then runs one token through every layer and returns (last hidden,
+    layer-`ret_layer` hidden), both after the final norm, (1, d).
 
     `dtype` stores the products' weights: float32 (exact), bfloat16, or int8 (per-row scales,
     `backbones/int8_weights.py`); int8-stored layers are used as they are whatever `dtype`."""
@@ -127,9 +139,6 @@ class LlamaStepper:
             self.down.append(fused_product([mlp.down_proj], dtype))
             self.norm1.append(layer.input_layernorm.weight.detach().float())
             self.norm2.append(layer.post_attention_layernorm.weight.detach().float())
-        self.max_len = 0
-        self.keys = self.values = torch.empty(0)
-        self.length = 0
 
     @property
     def weight_bytes(self) -> int:
@@ -138,18 +147,19 @@ class LlamaStepper:
         norms = [*self.norm1, *self.norm2, self.norm_weight]
         return sum(p.nbytes for p in products) + sum(n.numel() * 4 for n in norms)
 
-    def start(self, cache: Any, length: int, max_len: int) -> None:
-        """Copy the prompt's keys/values (a Hugging Face `DynamicCache`) into a static cache
-        with room for `max_len` tokens in all."""
+    def start(self, cache: Any, length: int, max_len: int) -> StepCache:
+        """A static cache with room for `max_len` tokens in all, holding the prompt's
+        keys/values (a Hugging Face `DynamicCache`). Each caller keeps its own, so several
+        answers can be decoded in turn on one model."""
         if length > max_len:
             raise ValueError(f"prompt of {length} tokens does not fit a cache of {max_len}")
         # (layers, kv heads, max_len, hd): one sequence, so no batch dimension.
         shape = (self.layers, self.kv_heads, max_len, self.head_dim)
-        self.keys, self.values, self.max_len = torch.zeros(shape), torch.zeros(shape), max_len
+        state = StepCache(torch.zeros(shape), torch.zeros(shape), length)
         for i, layer in enumerate(cache.layers):
-            self.keys[i, :, :length] = layer.keys[0, :, :length].float()
-            self.values[i, :, :length] = layer.values[0, :, :length].float()
-        self.length = length
+            state.keys[i, :, :length] = layer.keys[0, :, :length].float()
+            state.values[i, :, :length] = layer.values[0, :, :length].float()
+        return state
 
     def _rotation(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """(hd, hd) R with q @ R = q·cos + rotate_half(q)·sin at position `pos`: the rotary
@@ -159,11 +169,12 @@ class LlamaStepper:
         return torch.diag(cos) + self.rotate_half * sin
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (1, d) float32 input embedding of the next token."""
-        pos = self.length
-        if pos >= self.max_len:
-            raise ValueError(f"the static cache holds {self.max_len} tokens; it is full")
+    def step(self, x: torch.Tensor, cache: StepCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (1, d) float32 input embedding of the next token; `cache` (from `start`) gains
+        its keys/values."""
+        pos = cache.length
+        if pos >= cache.keys.shape[2]:
+            raise ValueError(f"the static cache holds {cache.keys.shape[2]} tokens; it is full")
         h, kv, hd, d = self.heads, self.kv_heads, self.head_dim, x.shape[-1]
         group = h // kv
         rotation = self._rotation(x, pos)
@@ -172,9 +183,9 @@ class LlamaStepper:
         for i in range(self.layers):
             qkv = self.qkv[i](torch.rms_norm(x, (d,), self.norm1[i], self.eps))  # (1, (h + 2kv)·hd)
             qk = torch.mm(qkv[0, : (h + kv) * hd].view(h + kv, hd), rotation)  # (h + kv, hd), rotated
-            self.keys[i, :, pos] = qk[h:]
-            self.values[i, :, pos] = qkv[0, (h + kv) * hd :].view(kv, hd)
-            keys, values = self.keys[i, :, : pos + 1], self.values[i, :, : pos + 1]  # (kv, L, hd)
+            cache.keys[i, :, pos] = qk[h:]
+            cache.values[i, :, pos] = qkv[0, (h + kv) * hd :].view(kv, hd)
+            keys, values = cache.keys[i, :, : pos + 1], cache.values[i, :, : pos + 1]  # (kv, L, hd)
             # Grouped-query attention of one query: query head j reads key/value head j // group.
             scores = torch.bmm(qk[:h].view(kv, group, hd), keys.transpose(1, 2)).mul_(scale)  # (kv, group, L)
             attn = torch.bmm(torch.softmax(scores, -1), values)  # (kv, group, hd)
@@ -183,7 +194,7 @@ class LlamaStepper:
             x = x + self.down[i](F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
             if i + 1 == self.ret_layer:
                 selected = x
-        self.length = pos + 1
+        cache.length = pos + 1
         return (
             torch.rms_norm(x, (d,), self.norm_weight, self.eps),
             torch.rms_norm(selected, (d,), self.norm_weight, self.eps),
