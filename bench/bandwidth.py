@@ -124,8 +124,9 @@ def _model(checkpoint: str, kind: str) -> FromageModel:
         config = TrainConfig().model
         model = FromageModel(config, load_lm(config.lm)[0], feature_dim=1280)
     model.eval()
-    model.lm.store_weights(kind, model.config.ret_layer)
-    if not model.lm.enable_fast_decode(model.config.ret_layer, WEIGHT_STORAGE[kind]):
+    # bf16/int8: stored and the lean step built; float32 keeps its weights, so build the step here.
+    stepping = model.lm.store_weights(kind, model.config.ret_layer)
+    if not (stepping or model.lm.enable_fast_decode(model.config.ret_layer, WEIGHT_STORAGE[kind])):
         raise SystemExit("the fused step needs a Llama-family LM")
     return model
 
