@@ -399,7 +399,7 @@ class ServeConfig:
     chat_batch_size: int = 16
     """Most chat completions decoded together (continuous batching: a new one joins at the next decoding step); 1 = one at a time."""
     lm_weights: Literal["bfloat16", "int8", "float32"] = "bfloat16"
-    """How the frozen LM's linear weights are stored: bfloat16; int8 (one stream decodes ~1.5× faster, weights rounded to 8 bits, answers can change); float32 (exact, slowest). BENCHMARKS.md, issue #17."""
+    """How the frozen LM's linear weights are stored: bfloat16 (the server's default: 16 rows decoded together cost about what 1 does, while the int8 kernel's cost grows with the rows); int8 (one stream decodes ~1.5× faster, weights rounded to 8 bits: the chat's default); float32 (exact, slowest). BENCHMARKS.md, issue #17."""
 
 
 @dataclass

@@ -92,15 +92,17 @@ class Fromage:
         index: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
-        lm_weights: str = "bfloat16",
+        lm_weights: str = "int8",
         revision: str | None = None,
     ) -> Fromage:
-        """`dtype` converts the whole frozen LM; `lm_weights="bfloat16"` instead stores only its
-        linear weights in bf16 with float32 activations and, for Llama-family LMs, decodes with
-        the lean fused step (backbones/fast_llama.py): ~1.5× faster decoding on CPU (the
-        default). `lm_weights="int8"` stores them as int8 rows with a scale each
-        (backbones/int8_weights.py): ~1.5× faster again, with rounding of the weights to 8 bits;
-        `lm_weights="float32"` keeps the exact float32 model (BENCHMARKS.md, issue #17)."""
+        """`dtype` converts the whole frozen LM; `lm_weights` instead stores only its linear
+        weights, activations staying float32, and for Llama-family LMs decodes with the lean
+        fused step (backbones/fast_llama.py). "int8" (the default): int8 rows with a scale each
+        (backbones/int8_weights.py), the fastest single stream (~1.5× bf16); the shipped model
+        scores within ±0.015 of bf16 on every offline benchmark. "bfloat16": the better choice
+        when many rows decode together (a server), where the bf16 product scales with rows and
+        the int8 kernel does not. "float32": the exact Hugging Face model, slowest
+        (BENCHMARKS.md, issue #17)."""
         if lm_weights not in WEIGHT_STORAGE:
             raise ValueError(f"lm_weights must be one of {', '.join(WEIGHT_STORAGE)}; got {lm_weights!r}")
         checkpoint = resolve(checkpoint, revision)  # a local directory, or a Hub id fetched once

@@ -51,9 +51,14 @@ class Evaluator:
         self._token_cache: dict[str, list[int]] = {}
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str = "cpu", **kwargs: Any) -> Evaluator:
-        """float32 throughout: benchmark numbers should not depend on a speed setting."""
+    def load(
+        cls, checkpoint: str | Path, device: str = "cpu", lm_weights: str = "float32", **kwargs: Any
+    ) -> Evaluator:
+        """float32 by default: benchmark numbers should not depend on a speed setting.
+        `lm_weights` ("bfloat16", "int8") measures the model as the chat and the server run it
+        with that storage of the frozen LM's linear weights (`FrozenLM.store_weights`)."""
         model = FromageModel.from_pretrained(checkpoint, device=device)
+        model.lm.store_weights(lm_weights, model.config.ret_layer)
         return cls(model, load_tokenizer(model.config.lm), **kwargs)
 
     # ------------------------------------------------------------------ images

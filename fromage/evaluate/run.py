@@ -42,14 +42,20 @@ def _finish(
 
 
 def eval_offline(
-    checkpoint: str | Path, out_dir: str | Path = "runs/eval-offline", plot: bool = True, **settings: Any
+    checkpoint: str | Path,
+    out_dir: str | Path = "runs/eval-offline",
+    plot: bool = True,
+    lm_weights: str = "float32",
+    **settings: Any,
 ) -> list[TaskResult]:
+    """`lm_weights`: how the frozen LM's linear weights are stored while measuring (float32, or
+    the chat's bfloat16 / int8 storage); recorded in results.json."""
     from .offline import DATA_INFO, OfflineSettings, checkpoint_heldout_fraction, run_offline
 
     started = time.time()
     config = OfflineSettings(heldout_fraction=checkpoint_heldout_fraction(checkpoint), **settings)
-    run = run_offline(Evaluator.load(checkpoint), config)
-    extra: dict[str, Any] = {"settings": vars(config)}
+    run = run_offline(Evaluator.load(checkpoint, lm_weights=lm_weights), config)
+    extra: dict[str, Any] = {"settings": vars(config), "lm_weights": lm_weights}
     if plot and run.examples:
         from .plots import save_retrieval_examples
 
