@@ -98,10 +98,10 @@ class Fromage:
         """`dtype` converts the whole frozen LM; `lm_weights` instead stores only its linear
         weights, activations staying float32, and for Llama-family LMs decodes with the lean
         fused step (backbones/fast_llama.py). "int8" (the default): int8 rows with a scale each
-        (backbones/int8_weights.py), the fastest single stream (~1.5× bf16); the shipped model
-        scores within ±0.015 of bf16 on every offline benchmark. "bfloat16": the better choice
-        when many rows decode together (a server), where the bf16 product scales with rows and
-        the int8 kernel does not. "float32": the exact Hugging Face model, slowest
+        (backbones/int8_weights.py), the fastest single stream (~1.5× bf16); the shipped model's
+        R@1 and caption scores stay within ±0.02 of float32's and bf16's. "bfloat16": the
+        better choice when many rows decode together (a server), where the bf16 product scales
+        with rows and the int8 kernel does not. "float32": the exact Hugging Face model, slowest
         (BENCHMARKS.md, issue #17)."""
         if lm_weights not in WEIGHT_STORAGE:
             raise ValueError(f"lm_weights must be one of {', '.join(WEIGHT_STORAGE)}; got {lm_weights!r}")
