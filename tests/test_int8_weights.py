@@ -16,19 +16,38 @@ def test_quantised_rows_stay_within_half_a_step_of_the_weight():
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_int8_weight_linear_matches_the_float32_product_of_the_dequantised_weight(rows):
+@pytest.mark.parametrize("wide_bf16", [False, True])
+def test_int8_weight_linear_matches_the_float32_product_of_the_dequantised_weight(rows, wide_bf16):
     torch.manual_seed(1)
     linear = nn.Linear(64, 24)
-    fast = Int8WeightLinear(linear, max_rows=8)
+    fast = Int8WeightLinear(linear, max_rows=8, wide_bf16=wide_bf16)
     x = torch.randn(rows, 64)
     naive = x @ fast.weight.T + linear.bias.detach()
     got = fast(x)
     assert got.dtype == torch.float32 and got.shape == (rows, 24)
-    # Many rows: float32 math on the dequantised weight; few rows: bf16 inputs/outputs too.
-    tolerance = 1e-5 if rows > 8 else 2e-2
+    # Many rows in float32: float32 math on the dequantised weight; few rows, or many rows
+    # through bf16: bf16 inputs/outputs too (the int8 rows themselves are exact in bf16).
+    tolerance = 1e-5 if rows > 8 and not wide_bf16 else 2e-2
     torch.testing.assert_close(got, naive, atol=tolerance, rtol=tolerance)
     # Dequantised, the weight is within one step of the original.
     assert (fast.weight - linear.weight.detach()).abs().max() <= fast.product.scale.float().max()
+
+
+def test_int8_rows_are_exact_in_bf16():
+    q = torch.arange(-127, 128, dtype=torch.int8)
+    assert torch.equal(q.to(torch.bfloat16).float(), q.float())
+
+
+def test_int8_storage_follows_the_cpu(monkeypatch):
+    """With bf16 units, prompts above 16 rows go through bf16; without, 32 rows take the int8
+    kernel and more the float32 product."""
+    from fromage.backbones import bf16_weights
+
+    for native, rows in ((True, 16), (False, 32)):
+        monkeypatch.setattr(bf16_weights, "native_bf16", lambda native=native: native)
+        model = build_model(tiny_llama(tied=True)).eval()
+        model.lm.store_weights_int8()
+        assert (model.lm.head.max_rows, model.lm.head.wide_bf16) == (rows, native)
 
 
 def test_stacked_products_equal_their_parts():

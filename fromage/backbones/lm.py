@@ -7,6 +7,7 @@ mode whatever `.train()` is called with.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,23 +93,29 @@ class FrozenLM(nn.Module):
     def store_weights_bf16(self) -> int:
         """Keep the frozen linear weights in bfloat16 (activations stay float32): ~2× faster
         token-by-token decoding on CPU (backbones/bf16_weights.py). Returns layers replaced."""
-        from .bf16_weights import BF16WeightLinear
+        from .bf16_weights import BF16WeightLinear, bf16_rows
 
-        return self._store_weights(BF16WeightLinear)
+        rows = bf16_rows()  # every row on CPUs with bf16 units, a few elsewhere
+        return self._store_weights(lambda linear: BF16WeightLinear(linear, max_rows=rows))
 
     def store_weights_int8(self) -> int:
         """Keep the frozen linear weights as int8 rows with one scale each (activations stay
         float32): half the bytes of bf16 for each decoded token (backbones/int8_weights.py).
         Returns layers replaced."""
+        from .bf16_weights import native_bf16
         from .int8_weights import Int8WeightLinear
 
-        return self._store_weights(Int8WeightLinear)
+        # With bf16 units, prompts above 16 rows go through bf16 (faster there than the int8
+        # kernel, backbones/int8_weights.py); without, up to 32 rows take the int8 kernel.
+        wide = native_bf16()
+        rows = 16 if wide else 32
+        return self._store_weights(lambda linear: Int8WeightLinear(linear, max_rows=rows, wide_bf16=wide))
 
-    def _store_weights(self, kind: type[nn.Module]) -> int:
+    def _store_weights(self, kind: Callable[[nn.Linear], nn.Module]) -> int:
         """Replace every `nn.Linear` of the LM (in place) by `kind(linear)`. Tied weights are
         copied: an embedding that shares the output head's weight keeps its own float32 copy."""
         if self.dtype != torch.float32:
-            raise ValueError(f"{kind.__name__} storage needs a float32 LM, this one is {self.dtype}")
+            raise ValueError(f"weight storage needs a float32 LM, this one is {self.dtype}")
         replaced = 0
         for parent in list(self.model.modules()):
             for name, child in list(parent.named_children()):
