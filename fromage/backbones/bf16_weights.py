@@ -6,10 +6,10 @@ frozen weights in bfloat16 halves the bytes. How many rows go through the bf16 p
 on the CPU (`native_bf16`):
 
 - with bf16 units (AVX512-BF16 or AMX), every product is bf16 × bf16 with float32
-  accumulation, result to float32. Measured 2026-12-02 (torch 2.13, 2 cores, AMX), 30 layers
-  of SmolLM2-135M: 30 / 44 / 48 / 124 ms at 33 / 64 / 128 / 512 rows, against 62 / 133 /
-  159 / 410 ms upcasting the weight to float32 and 58 / 87 / 122 / 376 ms with float32
-  weights;
+  accumulation, result to float32. Measured 2026-12-02 (torch 2.13, 2 cores, AMX, 30 layers
+  of SmolLM2-135M, `bench/prompt_products.py`): 26 / 32 / 48 ms at 32 / 64 / 128 rows,
+  against 79 / 105 / 137 ms upcasting the weight to float32 and 56 / 79 / 118 ms with
+  float32 weights;
 - without them (AVX2), the bf16 product of a few rows is still ~2.5× faster than float32
   while one of many rows is *slower*, so above `max_rows` (32, what batched decoding uses)
   the weight is upcast and the product is float32. Measured 2026-12-01 on such a path, a

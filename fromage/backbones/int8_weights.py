@@ -10,8 +10,9 @@ That kernel's cost grows with the rows, so a product of many rows (a prompt) tak
 path: on CPUs that multiply bf16 in hardware (`bf16_weights.native_bf16`) the int8 rows are
 converted to bf16 (exactly: |q| ≤ 127 fits bf16's 8-bit significand), multiplied in bf16 with
 float32 accumulation, and the row scales applied to the float32 result; elsewhere the weight is
-dequantised to float32. 30 layers of SmolLM2-135M, 2 cores, AMX: 25 / 62 / 101 ms at 8 / 32 /
-64 rows with the int8 kernel, 38 / 39 / 51 ms through bf16, 111 / 137 / 167 ms in float32.
+dequantised to float32. 30 layers of SmolLM2-135M, 2 cores, AMX (`bench/prompt_products.py`):
+25 / 38 / 60 / 103 ms at 8 / 16 / 32 / 64 rows with the int8 kernel, 42 / 46 / 46 / 51 ms
+through bf16, 82 / 83 / 100 / 123 ms in float32.
 
 Quantisation is symmetric per output row: `w ≈ q · scale`, `q` in [-127, 127], `scale` =
 max |w| of the row / 127. The naive twin of every product here is the float32 product with
