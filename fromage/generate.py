@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .backbones.growing_cache import growing
 from .config import GenerationConfig
 from .embed import padded_forward
 from .model import FromageModel
@@ -192,7 +193,8 @@ class BatchDecoder:
 
     def _join(self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> None:
         if self.cache is None:
-            self.cache, self.mask, self.positions, self.hidden = cache, mask, positions, hidden
+            # Steps append in place (backbones/growing_cache.py), not by concatenation.
+            self.cache, self.mask, self.positions, self.hidden = growing(cache), mask, positions, hidden
             return
         width = max(self.mask.shape[1], mask.shape[1])
         for old, new in zip(self.cache.layers, cache.layers, strict=True):
