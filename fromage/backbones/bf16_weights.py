@@ -52,6 +52,10 @@ class BF16WeightLinear(nn.Module):
     """`max_rows`: the most rows multiplied in bf16; more are multiplied in float32 with the
     weight upcast (`bf16_rows()` picks it for this CPU)."""
 
+    @classmethod
+    def for_this_cpu(cls, linear: nn.Linear) -> BF16WeightLinear:
+        return cls(linear, max_rows=bf16_rows())
+
     def __init__(self, linear: nn.Linear, max_rows: int = FEW_ROWS):
         super().__init__()
         self.in_features = linear.in_features

@@ -74,6 +74,15 @@ class Int8WeightLinear(nn.Module):
     steps) use the int8 kernel; more rows (prefill) multiply the int8 rows converted to bf16
     when `wide_bf16` (then scale the float32 result), or the dequantised float32 weight."""
 
+    @classmethod
+    def for_this_cpu(cls, linear: nn.Linear) -> Int8WeightLinear:
+        """With bf16 units, prompts above 16 rows go through bf16 (faster there than the int8
+        kernel); without, up to 32 rows take the int8 kernel and more the float32 product."""
+        from . import bf16_weights
+
+        wide = bf16_weights.native_bf16()
+        return cls(linear, max_rows=16 if wide else 32, wide_bf16=wide)
+
     def __init__(self, linear: nn.Linear, max_rows: int = 32, wide_bf16: bool = False):
         super().__init__()
         self.in_features = linear.in_features

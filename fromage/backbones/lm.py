@@ -93,23 +93,17 @@ class FrozenLM(nn.Module):
     def store_weights_bf16(self) -> int:
         """Keep the frozen linear weights in bfloat16 (activations stay float32): ~2× faster
         token-by-token decoding on CPU (backbones/bf16_weights.py). Returns layers replaced."""
-        from .bf16_weights import BF16WeightLinear, bf16_rows
+        from .bf16_weights import BF16WeightLinear
 
-        rows = bf16_rows()  # every row on CPUs with bf16 units, a few elsewhere
-        return self._store_weights(lambda linear: BF16WeightLinear(linear, max_rows=rows))
+        return self._store_weights(BF16WeightLinear.for_this_cpu)  # row limit per CPU
 
     def store_weights_int8(self) -> int:
         """Keep the frozen linear weights as int8 rows with one scale each (activations stay
         float32): half the bytes of bf16 for each decoded token (backbones/int8_weights.py).
         Returns layers replaced."""
-        from .bf16_weights import native_bf16
         from .int8_weights import Int8WeightLinear
 
-        # With bf16 units, prompts above 16 rows go through bf16 (faster there than the int8
-        # kernel, backbones/int8_weights.py); without, up to 32 rows take the int8 kernel.
-        wide = native_bf16()
-        rows = 16 if wide else 32
-        return self._store_weights(lambda linear: Int8WeightLinear(linear, max_rows=rows, wide_bf16=wide))
+        return self._store_weights(Int8WeightLinear.for_this_cpu)  # prompt path per CPU
 
     def _store_weights(self, kind: Callable[[nn.Linear], nn.Module]) -> int:
         """Replace every `nn.Linear` of the LM (in place) by `kind(linear)`. Tied weights are
