@@ -70,8 +70,11 @@ def test_an_abandoned_stream_frees_the_model_within_a_second(server):
 def _guarded_server(bot_model, **config):
     """A real server as `fromage serve` runs it (server_config), in a thread: a context manager
     that yields its port."""
+    import torch
+
     from fromage.apps.serve import server_config
 
+    config.setdefault("threads", torch.get_num_threads())  # the suite's own thread count stays
     return running(
         lambda port: server_config(bot_model, ServeConfig(**config), port=port, log_level="warning")
     )
@@ -154,3 +157,30 @@ def test_an_extreme_aspect_ratio_image_is_cheap_on_a_real_server(bot, monkeypatc
     assert reply.status_code == 200, reply.text
     side = fromage.model.encoder.image_size
     assert sizes and max(w * h for w, h in sizes) <= side * side
+
+
+def test_serve_leaves_the_http_side_a_core_unless_told_otherwise(bot, monkeypatch):  # noqa: F811
+    """`fromage serve` sets the model's thread count (server_config): one fewer than the CPUs
+    it may use by default (at least one), or exactly `threads`."""
+    import os
+
+    import torch
+
+    from fromage.apps.serve import server_config
+    from fromage.apps.serve.app import model_threads
+
+    fromage, _ = bot
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(6)))
+    assert model_threads(ServeConfig()) == 5
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0})
+    assert model_threads(ServeConfig()) == 1
+    assert model_threads(ServeConfig(threads=3)) == 3
+    with pytest.raises(ValueError, match="-2"):
+        model_threads(ServeConfig(threads=-2))
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    try:
+        server_config(fromage, ServeConfig(threads=wanted))
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)

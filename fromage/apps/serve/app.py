@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import os
 import threading
 import time
 import uuid
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -311,6 +313,14 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def model_threads(config: ServeConfig) -> int:
+    """The products' thread count `serve` sets (process-wide): `config.threads`, or one fewer
+    than the CPUs this process may run on."""
+    if config.threads < 0:
+        raise ValueError(f"threads must be 0 (automatic) or positive, got {config.threads}")
+    return config.threads or max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def server_config(
     bot: Fromage, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
 ) -> Any:
@@ -318,6 +328,7 @@ def server_config(
     protocol (connections.py). Tests and benchmarks start the same server with it."""
     import uvicorn
 
+    torch.set_num_threads(model_threads(config))
     return uvicorn.Config(
         create_app(bot, config),
         host=host,
