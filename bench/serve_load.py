@@ -33,6 +33,7 @@ import httpx
 import uvicorn
 
 from fromage.apps.serve import ServeConfig, server_config
+from fromage.apps.serve.app import model_threads
 from fromage.checkpoint import SHIPPED
 from fromage.data.builtin import emoji_concepts
 from fromage.pipeline import Fromage
@@ -112,12 +113,18 @@ class RssSampler(threading.Thread):
 
 
 def serve_and_load(
-    bot: Fromage, batch: int, clients: int, seconds: float, names: list[str], chat_share: float
+    bot: Fromage,
+    batch: int,
+    clients: int,
+    seconds: float,
+    names: list[str],
+    chat_share: float,
+    threads: int = 0,
 ) -> dict:
     port = free_port()
     load = os.getloadavg()[0]
     # The server `fromage serve` runs (connection limits and the guarded protocol included).
-    settings = ServeConfig(batch_size=batch, chat_batch_size=batch)
+    settings = ServeConfig(batch_size=batch, chat_batch_size=batch, threads=threads)
     config = server_config(bot, settings, port=port, log_level="warning")
     app = config.app
     server = uvicorn.Server(config)
@@ -176,6 +183,9 @@ def main() -> None:
     parser.add_argument(
         "--chat-share", type=float, default=0.25, help="share of chat requests (1.0: chat only)"
     )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="the model's threads (0: the server's default, CPUs - 1)"
+    )
     args = parser.parse_args()
     if not 1 <= args.clients <= 64 or not 0 < args.seconds <= 120:
         raise SystemExit("bounded load only: 1..64 clients, at most 120 s")
@@ -184,10 +194,11 @@ def main() -> None:
     bot = Fromage.from_pretrained(args.model, index=args.index)
     names = [c.name for c in emoji_concepts("google")]
     print(
-        f"{args.clients} clients x {args.seconds:.0f} s per configuration, loopback, chat share {args.chat_share}",
+        f"{args.clients} clients x {args.seconds:.0f} s per configuration, loopback, chat share "
+        f"{args.chat_share}, model threads {model_threads(ServeConfig(threads=args.threads))}",
         flush=True,
     )
-    run = (args.clients, args.seconds, names, args.chat_share)
+    run = (args.clients, args.seconds, names, args.chat_share, args.threads)
     batched = report("batched (16)", serve_and_load(bot, 16, *run))
     single = report("one at a time", serve_and_load(bot, 1, *run))
     print(f"throughput, batched / one at a time: {batched[0] / single[0]:.2f}x")
