@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from .config import ChatConfig, TrainConfig, load_json, to_dict
+from .config import WEIGHT_STORAGES, ChatConfig, TrainConfig, load_json, to_dict
 from .training.recipes import RECIPES, recipe
 
 S = TypeVar("S")
@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lm-weights",
         default="float32",
-        choices=["float32", "bfloat16", "int8"],
+        choices=WEIGHT_STORAGES,
         help="offline: store the frozen LM's linear weights as the chat does (default float32, exact)",
     )
     p.add_argument("--out", default=None, help="output directory (default: runs/eval-TASK)")
@@ -518,7 +518,7 @@ def _lm_weights_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lm-weights",
         default="int8",
-        choices=["int8", "bfloat16", "float32"],
+        choices=WEIGHT_STORAGES,
         help="storage of the frozen LM's linear weights: int8 is the fastest single stream "
         "(weights rounded to 8 bits), bfloat16 ~1.5x slower, float32 exact and slowest "
         "(default: int8)",

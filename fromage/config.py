@@ -16,7 +16,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
+
+WeightStorage = Literal["float32", "bfloat16", "int8"]
+"""How the frozen LM's linear weights are held (backbones/lm.py): float32 (exact), bfloat16,
+or int8 rows with per-row scales."""
+WEIGHT_STORAGES: tuple[str, ...] = get_args(WeightStorage)
 
 T = TypeVar("T")
 
@@ -400,7 +405,7 @@ class ServeConfig:
     """Most chat completions decoded together (continuous batching: a new one joins at the next decoding step); 1 = one at a time."""
     threads: int = 0
     """Threads the model's products use; 0 = one fewer than the CPUs (at least 1), so the HTTP side keeps a core: on 2 cores under 32 clients, one model thread served 20–27% more requests/s than two, whose every parallel product waited on a thread the event loop had preempted (BENCHMARKS.md, issue #17)."""
-    lm_weights: Literal["bfloat16", "int8", "float32"] = "bfloat16"
+    lm_weights: WeightStorage = "bfloat16"
     """How the frozen LM's linear weights are stored: bfloat16 (the server's default: 16 rows decoded together cost about what 1 does, while the int8 kernel's cost grows with the rows); int8 (one stream decodes ~1.5× faster, weights rounded to 8 bits: the chat's default); float32 (exact, slowest). BENCHMARKS.md, issue #17."""
 
 

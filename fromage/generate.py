@@ -3,6 +3,9 @@
 - `greedy_captions`: batched captioning of images; `[RET]` is never allowed.
 - `BatchDecoder` / `decode_batch`: many prompts decoded together, one forward per step; rows
   join and leave between steps (continuous batching for a server's concurrent chats).
+  `LeanBatchDecoder` does the same on the lean Llama step, where the model has one
+  (`batch_decoder` picks): joining prompts run in the same forward as the others' step, and
+  each row's cache is a slot of its own (backbones/batch_llama.py).
 - `decode`: one interleaved prompt → a stream of `Step`s (token ids; at each `[RET]`, the hidden
   state that feeds the text→retrieval map). Greedy or temperature + top-p; `[RET]` controls
   (`ret_scale_factor` scales its *probability*, so it works whatever the logit's sign;
@@ -170,15 +173,7 @@ class BatchDecoder:
     ) -> list[int]:
         """Prefill prompts (ids with image slots; (n_i, F) features or None) and join them to
         the batch; → their handles."""
-        if not (len(prompts) == len(image_features) == len(configs)):
-            raise ValueError(
-                f"{len(prompts)} prompts, {len(image_features)} feature entries, {len(configs)} configs"
-            )
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("a prompt is empty: give at least one token or image")
-        gens = list(generators) if generators is not None else [None] * len(prompts)
-        if len(gens) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(gens)} generators")
+        gens = _checked(prompts, image_features, configs, generators)
         if not prompts:
             return []
         out, mask = padded_forward(self.model, prompts, image_features, self.special.pad, use_cache=True)
@@ -234,18 +229,8 @@ class BatchDecoder:
             self._keep([h for h in self.handles if h not in ended])
             if not self.handles:
                 return [], ended
-        logits = self.model.full_logits(self.hidden)  # (B, V+1)
-        chosen: list[tuple[int, int]] = []
-        for i, handle in enumerate(self.handles):
-            row = self.rows[handle]
-            allow_ret = row.rets < row.config.max_rets and row.produced >= row.config.min_word_tokens
-            # Row by row, as `decode` does for its one row: the same draw from the same generator.
-            logp = next_token_scores(self.model, logits[i : i + 1], row.config, allow_ret)
-            token = int(choose(logp, row.config, row.generator))
-            if token == self.special.eos:
-                ended.append(handle)
-            else:
-                chosen.append((handle, token))
+        rows = [(h, self.rows[h]) for h in self.handles]
+        chosen = _next_tokens(self.model, self.model.full_logits(self.hidden), rows, self.special.eos, ended)
         if ended:
             self._keep([h for h, _ in chosen])
         if not chosen:
@@ -278,6 +263,167 @@ class BatchDecoder:
         return steps, ended + done
 
 
+@dataclass
+class _LeanRow(_Row):
+    slot: int = 0
+    length: int = 0
+    """Positions in the slot's cache so far (0 until its prompt has run)."""
+    prompt: torch.Tensor | None = None
+    """(T, d) input embeddings of a prompt that runs at the next step, then None."""
+    hidden: torch.Tensor | None = None
+    """(d,) the last hidden state: it predicts the row's next token."""
+
+
+class LeanBatchDecoder:
+    """`BatchDecoder` on the lean Llama step (backbones/batch_llama.py), for models that have
+    one (`model.lm.stepper`): each step is *one* forward over every running row's next token
+    and the whole prompt of every row that joined since the last step. A row's keys/values
+    live in a slot of its own, from column 0: joining takes a free slot, leaving frees it,
+    and nothing is copied. A joining row's first token comes at the step after its prompt
+    ran. Same interface and the same tokens as `BatchDecoder` (tested against `decode`)."""
+
+    def __init__(self, model: FromageModel, special: SpecialTokens):
+        from .backbones.batch_llama import LlamaBatchStepper
+
+        if model.lm.stepper is None:
+            raise ValueError("the lean batch decoder needs the lean Llama step (model.lm.stepper)")
+        self.model, self.special = model, special
+        self.engine = LlamaBatchStepper(model.lm.stepper)
+        self.cache = self.engine.new_cache()
+        self.rows: dict[int, _LeanRow] = {}
+        self._next_handle = 0
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def add(
+        self,
+        prompts: Sequence[Sequence[int]],
+        image_features: Sequence[torch.Tensor | None],
+        configs: Sequence[GenerationConfig],
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> list[int]:
+        """Take prompts (ids with image slots; (n_i, F) features or None) into the batch; their
+        prompts run at the next step. → their handles."""
+        gens = _checked(prompts, image_features, configs, generators)
+        device = self.model.ret_embedding.device
+        embeds = [
+            self.model.embed_inputs(
+                torch.tensor([list(ids)], device=device), None if f is None else f.to(device)
+            )[0].float()
+            for ids, f in zip(prompts, image_features, strict=True)
+        ]  # every prompt checked before any joins
+        handles = []
+        for prompt, config, gen in zip(embeds, configs, gens, strict=True):
+            taken = {row.slot for row in self.rows.values()}
+            slot = next(i for i in range(len(taken) + 1) if i not in taken)
+            self.rows[self._next_handle] = _LeanRow(config, gen, slot=slot, prompt=prompt)
+            handles.append(self._next_handle)
+            self._next_handle += 1
+        return handles
+
+    def end(self, handle: int) -> None:
+        """Drop a row (a stop string, a client that left): its slot is free at once."""
+        self.rows.pop(handle, None)
+
+    @torch.no_grad()
+    def step(self) -> tuple[list[tuple[int, Step]], list[int]]:
+        """One token for every row whose prompt has run, and the prompts of rows that joined:
+        → ((handle, Step) of the rows that produced a token, handles of the rows that ended
+        at this step: EOS, or their `max_new_tokens` reached)."""
+        from .backbones.batch_llama import Chunk
+
+        ended = [
+            h for h, r in self.rows.items() if r.prompt is None and r.produced >= r.config.max_new_tokens
+        ]
+        chosen: list[tuple[int, int]] = []
+        ready = [(h, r) for h, r in self.rows.items() if r.prompt is None and h not in ended]
+        if ready:
+            hidden = torch.stack([r.hidden for _, r in ready])  # type: ignore[misc]
+            logits = self.model.full_logits(hidden.to(self.model.lm.dtype))  # (B, V+1)
+            chosen = _next_tokens(self.model, logits, ready, self.special.eos, ended)
+        for handle in ended:
+            del self.rows[handle]
+        joining = [(h, r) for h, r in self.rows.items() if r.prompt is not None]
+        if not chosen and not joining:
+            return [], ended
+        device = self.model.ret_embedding.device
+        inputs, chunks = [], []
+        if chosen:
+            tokens = torch.tensor([[t] for _, t in chosen], device=device)  # (B, 1)
+            inputs.append(self.model.embed_inputs(tokens)[:, 0].float())
+            chunks += [Chunk(self.rows[h].slot, self.rows[h].length, 1) for h, _ in chosen]
+        for _, row in joining:
+            assert row.prompt is not None
+            inputs.append(row.prompt)
+            chunks.append(Chunk(row.slot, 0, row.prompt.shape[0]))
+        hidden, ret_hidden = self.engine.forward(torch.cat(inputs), chunks, self.cache)
+        steps = []
+        for i, (handle, token) in enumerate(chosen):
+            row = self.rows[handle]
+            row.hidden, row.length, row.produced = hidden[i], row.length + 1, row.produced + 1
+            if token == self.model.ret_token_id:
+                row.rets += 1
+                steps.append((handle, Step(token, ret_hidden[i].float())))
+            else:
+                steps.append((handle, Step(token)))
+        for j, (_, row) in enumerate(joining, start=len(chosen)):
+            assert row.prompt is not None
+            row.hidden, row.length, row.prompt = hidden[j], row.prompt.shape[0], None
+        done = [h for h, _ in chosen if self.rows[h].produced >= self.rows[h].config.max_new_tokens]
+        for handle in done:
+            del self.rows[handle]
+        return steps, ended + done
+
+
+def batch_decoder(model: FromageModel, special: SpecialTokens) -> BatchDecoder | LeanBatchDecoder:
+    """The lean batch decoder where the model has the lean Llama step, else the Hugging Face
+    layers' (`BatchDecoder`)."""
+    if model.lm.stepper is not None:
+        return LeanBatchDecoder(model, special)
+    return BatchDecoder(model, special)
+
+
+def _next_tokens(
+    model: FromageModel, logits: torch.Tensor, rows: Sequence[tuple[int, _Row]], eos: int, ended: list[int]
+) -> list[tuple[int, int]]:
+    """Each row's next token from its (V+1,) row of `logits`: → (handle, token) of the rows
+    that go on; the handles of rows that chose EOS are appended to `ended`."""
+    chosen = []
+    for i, (handle, row) in enumerate(rows):
+        allow_ret = row.rets < row.config.max_rets and row.produced >= row.config.min_word_tokens
+        # Row by row, as `decode` does for its one row: the same draw from the same generator.
+        logp = next_token_scores(model, logits[i : i + 1], row.config, allow_ret)
+        token = int(choose(logp, row.config, row.generator))
+        if token == eos:
+            ended.append(handle)
+        else:
+            chosen.append((handle, token))
+    return chosen
+
+
+def _checked(
+    prompts: Sequence[Sequence[int]],
+    image_features: Sequence[torch.Tensor | None],
+    configs: Sequence[GenerationConfig],
+    generators: Sequence[torch.Generator | None] | None,
+) -> list[torch.Generator | None]:
+    """Refuse a batch whose parts do not line up or that has an empty prompt; → one generator
+    (or None) per prompt."""
+    if not (len(prompts) == len(image_features) == len(configs)):
+        raise ValueError(
+            f"{len(prompts)} prompts, {len(image_features)} feature entries, {len(configs)} configs"
+        )
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("a prompt is empty: give at least one token or image")
+    gens = list(generators) if generators is not None else [None] * len(prompts)
+    if len(gens) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(gens)} generators")
+    return gens
+
+
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
     """Zeros before dim 2 of a (B, H, T, D) cache tensor, or dim 1 of a (B, T) mask, to `width`."""
     if x.dim() == 2:
@@ -300,7 +446,7 @@ def decode_batch(
     generators[i] its sampling generator; the caller ends a row (a stop string) by adding it to
     `ended` between steps."""
     config = config or GenerationConfig()
-    decoder = BatchDecoder(model, special)
+    decoder = batch_decoder(model, special)
     decoder.add(prompts, image_features, [config] * len(prompts), generators)
     while decoder.running:
         for row in ended or ():

@@ -31,7 +31,7 @@ from .checkpoint import checkpoint_digest, resolve
 from .data.digest import file_digest
 from .data.images import load_image
 from .embed import layout_prompt, ret_hidden_batch
-from .generate import CAPTION_TOKENS, BatchDecoder, GenerationConfig, decode, greedy_captions
+from .generate import CAPTION_TOKENS, GenerationConfig, batch_decoder, decode, greedy_captions
 from .index.store import ImageIndex
 from .model import FromageModel
 from .scoring import candidate_logprobs
@@ -333,7 +333,7 @@ class AnswerBatch:
 
     def __init__(self, bot: Fromage):
         self.bot = bot
-        self.decoder = BatchDecoder(bot.model, bot.special)
+        self.decoder = batch_decoder(bot.model, bot.special)
         self._rows: dict[int, _AnswerRow] = {}
 
     @property

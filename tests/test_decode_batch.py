@@ -5,10 +5,27 @@ different times."""
 import pytest
 import torch
 
-from fromage.generate import BatchDecoder, GenerationConfig, decode, decode_batch
+from fromage.generate import (
+    BatchDecoder,
+    GenerationConfig,
+    LeanBatchDecoder,
+    batch_decoder,
+    decode,
+    decode_batch,
+)
+from fromage.model import FromageModel
 from fromage.tokens import IMAGE_TOKEN_ID
 
 from .conftest import build_model, tiny_gpt2, tiny_llama, tiny_opt
+
+
+def _model(lean: bool, tied: bool = False):
+    """A tiny Llama FROMAGe model; `lean`: with the lean step (float32 weights), so batches
+    decode on `LeanBatchDecoder` and lone answers on the lean single-row step."""
+    model = build_model(tiny_llama(tied=tied), ret_layer=1).eval()
+    if lean:
+        assert model.lm.enable_fast_decode(1, torch.float32)
+    return model
 
 
 def _prompts(model, k: int = 2):
@@ -53,10 +70,19 @@ def _assert_same(batched, alone, ret_id):
 
 
 @pytest.mark.parametrize(
-    "lm", [lambda: tiny_llama(tied=False), lambda: tiny_llama(tied=True), tiny_opt, tiny_gpt2]
+    "lm",
+    [
+        lambda: tiny_llama(tied=False),
+        lambda: tiny_llama(tied=True),
+        tiny_opt,
+        tiny_gpt2,
+        lambda: _model(lean=True, tied=False),
+        lambda: _model(lean=True, tied=True),
+    ],
 )
 def test_greedy_batch_equals_one_at_a_time(lm, special):
-    model = build_model(lm(), ret_layer=1).eval()
+    made = lm()
+    model = made if isinstance(made, FromageModel) else build_model(made, ret_layer=1).eval()
     prompts = _prompts(model)
     config = GenerationConfig(max_new_tokens=10, ret_scale_factor=1e3, min_word_tokens=2, max_rets=2)
     seeds = [None] * len(prompts)
@@ -67,8 +93,9 @@ def test_greedy_batch_equals_one_at_a_time(lm, special):
     )
 
 
-def test_seeded_sampling_batch_equals_one_at_a_time(special):
-    model = build_model(tiny_llama(), ret_layer=1).eval()
+@pytest.mark.parametrize("lean", [False, True])
+def test_seeded_sampling_batch_equals_one_at_a_time(lean, special):
+    model = _model(lean)
     prompts = _prompts(model)
     config = GenerationConfig(max_new_tokens=10, temperature=0.9, top_p=0.9, ret_scale_factor=50, max_rets=1)
     seeds = [3, 4, 5, 6]
@@ -77,9 +104,10 @@ def test_seeded_sampling_batch_equals_one_at_a_time(special):
     assert len({tuple(s.token_id for s in row) for row in batched}) > 1  # rows really differ
 
 
-def test_rows_end_at_their_own_eos(special):
+@pytest.mark.parametrize("lean", [False, True])
+def test_rows_end_at_their_own_eos(lean, special):
     """Rows that end early leave the others decoding as they would alone."""
-    model = build_model(tiny_llama(), ret_layer=1).eval()
+    model = _model(lean)
     prompts = _prompts(model)
     config = GenerationConfig(max_new_tokens=12, ret_scale_factor=0)
     never = type(special)(special.bos, model.ret_token_id, special.pad)  # [RET] is never chosen
@@ -103,11 +131,12 @@ def test_bad_batches_are_refused(special):
     assert list(decode_batch(model, [], [], special)) == []
 
 
-def test_rows_joining_and_leaving_between_steps_decode_as_alone(special):
+@pytest.mark.parametrize("lean", [False, True])
+def test_rows_joining_and_leaving_between_steps_decode_as_alone(lean, special):
     """Continuous batching: rows with their own settings join a running batch at step
     boundaries (shorter and longer prompts than the batch's), others leave (EOS, their token
     budget, or `end`), and every row still gets what `decode` gives it alone."""
-    model = build_model(tiny_llama(), ret_layer=1).eval()
+    model = _model(lean)
     prompts = _prompts(model)
     configs = [
         GenerationConfig(max_new_tokens=6, ret_scale_factor=1e3, max_rets=1),
@@ -121,7 +150,8 @@ def test_rows_joining_and_leaving_between_steps_decode_as_alone(special):
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         alone.append(list(decode(model, torch.tensor([ids]), feats, special, config, gen)))
 
-    decoder = BatchDecoder(model, special)
+    decoder = batch_decoder(model, special)
+    assert isinstance(decoder, LeanBatchDecoder) == lean
     got: dict[int, list] = {}
     handle_row: dict[int, int] = {}
 
@@ -147,22 +177,29 @@ def test_rows_joining_and_leaving_between_steps_decode_as_alone(special):
         step += 1
     _assert_same([got.get(r, []) for r in range(4)], alone, model.ret_token_id)
     assert len(set(ended_at.values())) > 1  # rows left at different steps
-    assert decoder.cache is None and not decoder.rows  # nothing left behind
+    assert not decoder.rows  # nothing left behind
+    if isinstance(decoder, BatchDecoder):
+        assert decoder.cache is None
 
 
-def test_ending_a_row_frees_it_and_leaves_the_others_unchanged(special):
-    model = build_model(tiny_llama(), ret_layer=1).eval()
+@pytest.mark.parametrize("lean", [False, True])
+def test_ending_a_row_frees_it_and_leaves_the_others_unchanged(lean, special):
+    model = _model(lean)
     prompts = _prompts(model)
     config = GenerationConfig(max_new_tokens=8, ret_scale_factor=0)
     special = type(special)(special.bos, model.ret_token_id, special.pad)  # no row ends by itself
     alone = _one_at_a_time(model, special, prompts, config, [None] * 4)
-    decoder = BatchDecoder(model, special)
+    decoder = batch_decoder(model, special)
     handles = decoder.add([p for p, _ in prompts], [f for _, f in prompts], [config] * 4)
     got: dict[int, list] = {h: [] for h in handles}
-    for step in range(8):
-        if step == 3:
+    # The lean decoder runs the prompts at its first step and gives first tokens at its second.
+    steps_needed = 9 if lean else 8
+    for step in range(steps_needed):
+        if step == 3 + (steps_needed - 8):
             decoder.end(handles[3])  # the longest prompt: its columns are dropped too
-            assert decoder.running == 3 and decoder.mask.shape[1] == len(prompts[2][0]) + 3
+            assert decoder.running == 3
+            if isinstance(decoder, BatchDecoder):
+                assert decoder.mask.shape[1] == len(prompts[2][0]) + 3
         steps, _ = decoder.step()
         for handle, s in steps:
             got[handle].append(s)

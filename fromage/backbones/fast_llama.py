@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bf16_weights import bf16_rows
 from .int8_weights import Int8Product, Int8WeightLinear
 
 
@@ -45,23 +46,29 @@ class FloatProduct:
     def nbytes(self) -> int:
         return self.wt.numel() * self.wt.element_size()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (1, in) → (1, out)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (r, in) → (r, out)
         return torch.mm(x, self.wt)
 
 
 class BF16Product:
-    """`x @ w.T` with w (out, in) in bf16, as a matrix-vector product: for one row it reads the
-    weight faster than `mm` here (160 vs 192 µs for 3072×576, `bench/bandwidth.py`)."""
+    """`x @ w.T` with w (out, in) in bf16. One row is a matrix-vector product: it reads the
+    weight faster than `mm` here (160 vs 192 µs for 3072×576, `bench/bandwidth.py`); up to
+    `bf16_rows()` rows are a bf16 product, more upcast the weight (bf16_weights.py says why)."""
 
     def __init__(self, weight: torch.Tensor):
         self.w = weight.detach().float().to(torch.bfloat16).contiguous()
+        self.max_rows = bf16_rows()
 
     @property
     def nbytes(self) -> int:
         return self.w.numel() * 2
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (1, in) → (1, out)
-        return torch.mv(self.w, x[0].to(torch.bfloat16))[None].float()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (r, in) → (r, out)
+        if x.shape[0] == 1:
+            return torch.mv(self.w, x[0].to(torch.bfloat16))[None].float()
+        if x.shape[0] <= self.max_rows:
+            return F.linear(x.to(torch.bfloat16), self.w).float()
+        return F.linear(x, self.w.float())
 
 
 Product = FloatProduct | BF16Product | Int8Product
@@ -75,7 +82,7 @@ def fused_product(linears: list[nn.Module], dtype: torch.dtype) -> Product:
         return Int8Product.stacked([m.product for m in linears])  # type: ignore[union-attr]
     weight = torch.cat([m.weight.detach().float() for m in linears])  # type: ignore[union-attr]
     if dtype == torch.int8:
-        return Int8Product(weight)
+        return Int8Product(weight, *Int8Product.rows_for_this_cpu())
     return BF16Product(weight) if dtype == torch.bfloat16 else FloatProduct(weight)
 
 

@@ -42,12 +42,25 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 class Int8Product:
     """`x @ w.T` for one frozen weight held as int8 rows: x (r, in) float32 → (r, out) float32.
-    The scales are kept in bf16, which the kernel takes, and rounded there once."""
+    The scales are kept in bf16, which the kernel takes, and rounded there once. Up to
+    `max_rows` rows take the int8 kernel; more go through bf16 (`wide_bf16`) or the
+    dequantised float32 weight (`for_this_cpu` picks both)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, max_rows: int = 32, wide_bf16: bool = False):
         q, scale = quantize_rows(weight)
         self.q = q
         self.scale = scale.to(torch.bfloat16)
+        self.max_rows, self.wide_bf16 = max_rows, wide_bf16
+
+    @staticmethod
+    def rows_for_this_cpu() -> tuple[int, bool]:
+        """(max_rows, wide_bf16): with bf16 units, more than 16 rows go through bf16 (faster
+        there than the int8 kernel); without, up to 32 rows take the int8 kernel and more the
+        float32 product."""
+        from . import bf16_weights
+
+        wide = bf16_weights.native_bf16()
+        return (16 if wide else 32), wide
 
     @classmethod
     def stacked(cls, parts: list[Int8Product]) -> Int8Product:
@@ -56,6 +69,7 @@ class Int8Product:
         out = cls.__new__(cls)
         out.q = torch.cat([p.q for p in parts]).contiguous()
         out.scale = torch.cat([p.scale for p in parts])
+        out.max_rows, out.wide_bf16 = parts[0].max_rows, parts[0].wide_bf16
         return out
 
     @property
@@ -65,8 +79,12 @@ class Int8Product:
     def dequantized(self) -> torch.Tensor:
         return dequantize_rows(self.q, self.scale)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale).float()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (r, in) float32 → (r, out) float32
+        if x.shape[0] <= self.max_rows:
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale).float()
+        if self.wide_bf16:
+            return F.linear(x.to(torch.bfloat16), self.q.to(torch.bfloat16)).float() * self.scale.float()
+        return F.linear(x, self.dequantized())
 
 
 class Int8WeightLinear(nn.Module):
@@ -76,21 +94,23 @@ class Int8WeightLinear(nn.Module):
 
     @classmethod
     def for_this_cpu(cls, linear: nn.Linear) -> Int8WeightLinear:
-        """With bf16 units, prompts above 16 rows go through bf16 (faster there than the int8
-        kernel); without, up to 32 rows take the int8 kernel and more the float32 product."""
-        from . import bf16_weights
-
-        wide = bf16_weights.native_bf16()
-        return cls(linear, max_rows=16 if wide else 32, wide_bf16=wide)
+        max_rows, wide = Int8Product.rows_for_this_cpu()
+        return cls(linear, max_rows=max_rows, wide_bf16=wide)
 
     def __init__(self, linear: nn.Linear, max_rows: int = 32, wide_bf16: bool = False):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.max_rows = max_rows
-        self.wide_bf16 = wide_bf16
-        self.product = Int8Product(linear.weight)
+        self.product = Int8Product(linear.weight, max_rows, wide_bf16)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
+
+    @property
+    def max_rows(self) -> int:
+        return self.product.max_rows
+
+    @property
+    def wide_bf16(self) -> bool:
+        return self.product.wide_bf16
 
     @property
     def weight(self) -> torch.Tensor:
@@ -99,13 +119,7 @@ class Int8WeightLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (…, in) → (…, out)
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows <= self.max_rows:
-            out = self.product(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1).to(x.dtype)
-        elif self.wide_bf16:
-            q, scale = self.product.q, self.product.scale
-            out = (F.linear(x.to(torch.bfloat16), q.to(torch.bfloat16)).float() * scale.float()).to(x.dtype)
-        else:
-            out = F.linear(x, self.weight.to(x.dtype))
+        out = self.product(x.reshape(rows, -1).float()).reshape(*x.shape[:-1], -1).to(x.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:

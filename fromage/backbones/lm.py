@@ -14,10 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-# Attribute names of the final norm on the decoder stack, per architecture family.
-WEIGHT_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
-"""How the frozen LM's linear weights may be stored for inference (`FrozenLM.store_weights`)."""
+from ..config import WEIGHT_STORAGES
 
+WEIGHT_STORAGE = dict(zip(WEIGHT_STORAGES, (torch.float32, torch.bfloat16, torch.int8), strict=True))
+"""How the frozen LM's linear weights may be stored for inference (`FrozenLM.store_weights`):
+each storage name (config.WeightStorage) → the dtype its products hold."""
+
+# Attribute names of the final norm on the decoder stack, per architecture family.
 _FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
 
 

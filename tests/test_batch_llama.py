@@ -1,0 +1,67 @@
+"""The batched lean step (backbones/batch_llama.py) against the Hugging Face model, and the
+decoding built on it (`LeanBatchDecoder`) against one-at-a-time decoding."""
+
+import pytest
+import torch
+
+from fromage.backbones.batch_llama import Chunk, LlamaBatchStepper
+from fromage.generate import LeanBatchDecoder, batch_decoder
+
+from .conftest import build_model, tiny_llama
+
+
+def _lean_model(ret_layer: int = 1):
+    model = build_model(tiny_llama(tied=False), ret_layer=ret_layer).eval()
+    assert model.lm.enable_fast_decode(model.config.ret_layer, torch.float32)
+    return model
+
+
+def _hf_hidden(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(torch.tensor([ids]), compute_logits=False)
+    return out.last_hidden[0].float(), out.ret_hidden[0].float()  # (T, d) each
+
+
+def test_prompts_and_steps_in_one_forward_match_the_hugging_face_layers():
+    """Three sequences in slots 0, 2 and 3 (slot 1 idle): prompts of different lengths run
+    together, then one forward mixes a step of two of them with a whole new prompt."""
+    model = _lean_model()
+    engine = LlamaBatchStepper(model.lm.stepper)
+    cache = engine.new_cache(slots=2, capacity=4)  # both grow on the way
+    seqs = {0: [1, 5, 6, 7, 8], 2: [1, 9], 3: [1, 10, 11, 12, 13, 14, 15]}
+
+    def embed(ids):
+        return model.embed_inputs(torch.tensor([ids]))[0].float()
+
+    first = [0, 2]
+    last, selected = engine.forward(
+        torch.cat([embed(seqs[s]) for s in first]), [Chunk(s, 0, len(seqs[s])) for s in first], cache
+    )
+    for i, s in enumerate(first):
+        want_last, want_selected = _hf_hidden(model, seqs[s])
+        torch.testing.assert_close(last[i], want_last[-1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(selected[i], want_selected[-1], atol=1e-4, rtol=1e-4)
+    # Slots 0 and 2 step one token each while slot 3's whole prompt runs.
+    x = torch.cat([embed([20]), embed([21]), embed(seqs[3])])
+    chunks = [Chunk(0, len(seqs[0]), 1), Chunk(2, len(seqs[2]), 1), Chunk(3, 0, len(seqs[3]))]
+    last, selected = engine.forward(x, chunks, cache)
+    for i, ids in enumerate([seqs[0] + [20], seqs[2] + [21], seqs[3]]):
+        want_last, want_selected = _hf_hidden(model, ids)
+        torch.testing.assert_close(last[i], want_last[-1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(selected[i], want_selected[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_bad_chunks_are_refused():
+    model = _lean_model()
+    engine = LlamaBatchStepper(model.lm.stepper)
+    x = torch.randn(3, model.lm.hidden_size)
+    with pytest.raises(ValueError, match="3 input rows but the chunks hold 2"):
+        engine.forward(x, [Chunk(0, 0, 2)], engine.new_cache())
+    with pytest.raises(ValueError, match="two chunks in one slot"):
+        engine.forward(x, [Chunk(0, 0, 2), Chunk(0, 2, 1)], engine.new_cache())
+
+
+def test_the_lean_decoder_is_chosen_where_the_model_has_the_lean_step(special):
+    model = build_model(tiny_llama(), ret_layer=1).eval()
+    assert not isinstance(batch_decoder(model, special), LeanBatchDecoder)
+    model.lm.enable_fast_decode(1, torch.float32)
+    assert isinstance(batch_decoder(model, special), LeanBatchDecoder)
