@@ -291,11 +291,48 @@ class LeanBatchDecoder:
         self.engine = LlamaBatchStepper(model.lm.stepper)
         self.cache = self.engine.new_cache()
         self.rows: dict[int, _LeanRow] = {}
+        self.reading: dict[int, _LeanRow] = {}
+        """Prompts whose `[RET]` state is all that is wanted (`read`), until their step."""
+        self.states: dict[int, torch.Tensor] = {}
+        """handle → (d,) `[RET]` state of each prompt `read` whose step has run (the caller pops them)."""
         self._next_handle = 0
 
     @property
     def running(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.reading)
+
+    def _embed(
+        self, prompts: Sequence[Sequence[int]], image_features: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        """(T_i, d) float32 input embeddings of each prompt (all checked before any joins)."""
+        device = self.model.ret_embedding.device
+        return [
+            self.model.embed_inputs(
+                torch.tensor([list(ids)], device=device), None if f is None else f.to(device)
+            )[0].float()
+            for ids, f in zip(prompts, image_features, strict=True)
+        ]
+
+    def _take(self, rows: dict[int, _LeanRow], row: _LeanRow) -> int:
+        """Give `row` the lowest free slot and a handle."""
+        taken = {r.slot for r in (*self.rows.values(), *self.reading.values())}
+        row.slot = next(i for i in range(len(taken) + 1) if i not in taken)
+        rows[self._next_handle] = row
+        self._next_handle += 1
+        return self._next_handle - 1
+
+    @torch.no_grad()
+    def read(
+        self, prompts: Sequence[Sequence[int]], image_features: Sequence[torch.Tensor | None]
+    ) -> list[int]:
+        """Retrieval queries: each prompt (ids with image slots, `[RET]` appended here) runs at
+        the next step, in the same forward as the decoding rows, and its `[RET]` state (the
+        `ret_layer` hidden at `[RET]`, normed: what `embed.ret_hidden_batch` gives) is then in
+        `states`. It decodes nothing and frees its slot at once. → handles."""
+        if len(prompts) != len(image_features):
+            raise ValueError(f"{len(prompts)} prompts but {len(image_features)} feature entries")
+        embeds = self._embed([[*p, self.model.ret_token_id] for p in prompts], image_features)
+        return [self._take(self.reading, _LeanRow(GenerationConfig(), None, prompt=e)) for e in embeds]
 
     @torch.no_grad()
     def add(
@@ -308,21 +345,11 @@ class LeanBatchDecoder:
         """Take prompts (ids with image slots; (n_i, F) features or None) into the batch; their
         prompts run at the next step. → their handles."""
         gens = _checked(prompts, image_features, configs, generators)
-        device = self.model.ret_embedding.device
-        embeds = [
-            self.model.embed_inputs(
-                torch.tensor([list(ids)], device=device), None if f is None else f.to(device)
-            )[0].float()
-            for ids, f in zip(prompts, image_features, strict=True)
-        ]  # every prompt checked before any joins
-        handles = []
-        for prompt, config, gen in zip(embeds, configs, gens, strict=True):
-            taken = {row.slot for row in self.rows.values()}
-            slot = next(i for i in range(len(taken) + 1) if i not in taken)
-            self.rows[self._next_handle] = _LeanRow(config, gen, slot=slot, prompt=prompt)
-            handles.append(self._next_handle)
-            self._next_handle += 1
-        return handles
+        embeds = self._embed(prompts, image_features)
+        return [
+            self._take(self.rows, _LeanRow(config, gen, prompt=prompt))
+            for prompt, config, gen in zip(embeds, configs, gens, strict=True)
+        ]
 
     def end(self, handle: int) -> None:
         """Drop a row (a stop string, a client that left): its slot is free at once."""
@@ -347,7 +374,9 @@ class LeanBatchDecoder:
         for handle in ended:
             del self.rows[handle]
         joining = [(h, r) for h, r in self.rows.items() if r.prompt is not None]
-        if not chosen and not joining:
+        reading = list(self.reading.items())
+        self.reading.clear()
+        if not chosen and not joining and not reading:
             return [], ended
         device = self.model.ret_embedding.device
         inputs, chunks = [], []
@@ -355,11 +384,14 @@ class LeanBatchDecoder:
             tokens = torch.tensor([[t] for _, t in chosen], device=device)  # (B, 1)
             inputs.append(self.model.embed_inputs(tokens)[:, 0].float())
             chunks += [Chunk(self.rows[h].slot, self.rows[h].length, 1) for h, _ in chosen]
-        for _, row in joining:
+        for _, row in joining + reading:
             assert row.prompt is not None
             inputs.append(row.prompt)
             chunks.append(Chunk(row.slot, 0, row.prompt.shape[0]))
         hidden, ret_hidden = self.engine.forward(torch.cat(inputs), chunks, self.cache)
+        first_read = len(chosen) + len(joining)
+        for j, (handle, _) in enumerate(reading, start=first_read):
+            self.states[handle] = ret_hidden[j].float()
         steps = []
         for i, (handle, token) in enumerate(chosen):
             row = self.rows[handle]

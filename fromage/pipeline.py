@@ -31,7 +31,14 @@ from .checkpoint import checkpoint_digest, resolve
 from .data.digest import file_digest
 from .data.images import load_image
 from .embed import layout_prompt, ret_hidden_batch
-from .generate import CAPTION_TOKENS, GenerationConfig, batch_decoder, decode, greedy_captions
+from .generate import (
+    CAPTION_TOKENS,
+    GenerationConfig,
+    LeanBatchDecoder,
+    batch_decoder,
+    decode,
+    greedy_captions,
+)
 from .index.store import ImageIndex
 from .model import FromageModel
 from .scoring import candidate_logprobs
@@ -335,6 +342,7 @@ class AnswerBatch:
         self.bot = bot
         self.decoder = batch_decoder(bot.model, bot.special)
         self._rows: dict[int, _AnswerRow] = {}
+        self._reads: dict[int, tuple[int, set[int]]] = {}  # handle → (k, rows not to return)
 
     @property
     def running(self) -> int:
@@ -362,6 +370,26 @@ class AnswerBatch:
         for handle, enc, more in zip(handles, encoded, extra, strict=True):
             exclude = set(enc.context_rows) | set(more)
             self._rows[handle] = _AnswerRow(config, _AnswerText(self.bot.tokenizer, config.stop), exclude)
+        return handles
+
+    @property
+    def can_read(self) -> bool:
+        """Whether retrievals can run inside the decoding steps (`read`): on the lean batch
+        decoder, with an index to search."""
+        return isinstance(self.decoder, LeanBatchDecoder) and self.bot.index is not None
+
+    def read(self, prompts: Sequence[Sequence[PromptItem]], ks: Sequence[int]) -> list[int]:
+        """Retrievals (`Fromage.retrieve`) that run in the next step's forward with the rows
+        being decoded; each one's top `ks[i]` images come out of that `step` as
+        (handle, list[RetrievedImage]). Needs `can_read`."""
+        if not isinstance(self.decoder, LeanBatchDecoder) or self.bot.index is None:
+            raise ValueError("reading in the decoding steps needs the lean batch decoder and an index")
+        encoded = [self.bot.encode(p) for p in prompts]
+        handles = self.decoder.read(
+            [e.input_ids[0].tolist() for e in encoded], [e.image_features for e in encoded]
+        )
+        for handle, enc, k in zip(handles, encoded, ks, strict=True):
+            self._reads[handle] = (k, set(enc.context_rows))
         return handles
 
     def cancel(self, handle: int) -> None:
@@ -400,6 +428,11 @@ class AnswerBatch:
                 out.append((handle, rest))
             reason = "length" if row.steps >= row.config.max_new_tokens else "stop"
             out.append((handle, Ending(reason, row.steps)))
+        if isinstance(self.decoder, LeanBatchDecoder):
+            for handle, state in self.decoder.states.items():
+                k, exclude = self._reads.pop(handle)
+                out.append((handle, self.bot._search(state, k, exclude)))
+            self.decoder.states.clear()
         return out
 
 

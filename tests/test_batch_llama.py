@@ -65,3 +65,35 @@ def test_the_lean_decoder_is_chosen_where_the_model_has_the_lean_step(special):
     assert not isinstance(batch_decoder(model, special), LeanBatchDecoder)
     model.lm.enable_fast_decode(1, torch.float32)
     assert isinstance(batch_decoder(model, special), LeanBatchDecoder)
+
+
+def test_reads_run_with_the_decoding_rows_and_give_the_ret_states_of_their_prompts(special):
+    """Retrieval prompts `read` into a running batch: their `[RET]` states equal
+    `ret_hidden_batch`'s (the Hugging Face layers), the decoding rows are unchanged, and their
+    slots are free again after the step."""
+    from fromage.embed import ret_hidden_batch
+    from fromage.generate import GenerationConfig
+    from fromage.tokens import IMAGE_TOKEN_ID
+
+    model = _lean_model()
+    config = GenerationConfig(max_new_tokens=6, ret_scale_factor=0)
+    alone = LeanBatchDecoder(model, special)
+    mixed = LeanBatchDecoder(model, special)
+    for decoder in (alone, mixed):
+        decoder.add([[1, 5, 6], [1, 7]], [None, None], [config] * 2)
+        decoder.step()  # the prompts
+    f = model.config.feature_dim
+    queries = [[1, 8, 9, 10], [1, *[IMAGE_TOKEN_ID] * model.config.num_visual_tokens, 11]]
+    features = [None, torch.randn(1, f)]
+    handles = mixed.read(queries, features)
+    assert mixed.running == 4
+    got_alone, got_mixed = alone.step()[0], mixed.step()[0]
+    assert [(h, s.token_id) for h, s in got_mixed] == [(h, s.token_id) for h, s in got_alone]
+    want = ret_hidden_batch(model, queries, features, special.pad)
+    torch.testing.assert_close(
+        torch.stack([mixed.states.pop(h) for h in handles]), want, atol=1e-4, rtol=1e-4
+    )
+    assert mixed.running == 2 and not mixed.reading
+    assert {r.slot for r in mixed.rows.values()} == {0, 1}
+    assert mixed.read([[1, 12]], [None]) == [handles[-1] + 1]
+    assert mixed.reading[handles[-1] + 1].slot == 2  # the lowest free slot

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 
+import pytest
 from fastapi.testclient import TestClient
 
 from fromage.apps.serve import ServeConfig, create_app
@@ -88,3 +89,48 @@ def test_a_stream_and_plain_requests_in_one_batch(bot):  # noqa: F811
                 if delta:
                     text += delta[0]["delta"].get("content", "")
     assert text == expected[0]
+
+
+def test_retrievals_ride_along_with_the_lean_decoding_steps(bot):  # noqa: F811
+    """With the lean batch decoder, concurrent retrievals run inside the chats' decoding steps
+    (no micro-batch of their own) and return what `Fromage.retrieve` returns alone; the chats
+    answer as they do one at a time."""
+    import torch
+
+    fromage, _ = bot
+    assert fromage.model.lm.enable_fast_decode(fromage.model.config.ret_layer, torch.float32)
+    try:
+        texts = ["a red circle", "blue square", "a green triangle and more", "red", "circle", "blue"]
+        requests = [_request(i) for i in range(3)]
+        batched_app = create_app(fromage, ServeConfig(batch_size=8, chat_batch_size=8))
+        assert batched_app.state.chats.max_reads == 8
+        client = TestClient(batched_app)
+        found: list = [None] * len(texts)
+        chats: list = [None] * len(requests)
+        start = threading.Barrier(len(texts) + len(requests))
+
+        def retrieve(i: int) -> None:
+            start.wait()
+            found[i] = client.post("/v1/retrieve", json={"text": texts[i], "k": 2 + i % 2}).json()
+
+        def chat(i: int) -> None:
+            start.wait()
+            chats[i] = client.post("/v1/chat/completions", json=requests[i]).json()
+
+        threads = [threading.Thread(target=retrieve, args=(i,)) for i in range(len(texts))]
+        threads += [threading.Thread(target=chat, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        for i, text in enumerate(texts):
+            want = fromage.retrieve([text], k=2 + i % 2)
+            assert [d["id"] for d in found[i]["data"]] == [w.row for w in want]
+            assert [d["score"] for d in found[i]["data"]] == pytest.approx([w.score for w in want], abs=1e-3)
+        assert batched_app.state.batchers["retrieve"].batches == 0  # none took a forward of its own
+        alone_app = create_app(fromage, ServeConfig(batch_size=1, chat_batch_size=1))
+        assert alone_app.state.chats.max_reads == 0
+        alone = [TestClient(alone_app).post("/v1/chat/completions", json=r).json() for r in requests]
+        assert [_content(c) for c in chats] == [_content(a) for a in alone]
+    finally:
+        fromage.model.lm.stepper = None

@@ -58,7 +58,9 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
     caption_queue = MicroBatcher(
         lambda jobs: caption_jobs(bot, jobs), lock, config.batch_size, config.batch_wait_ms
     )
-    chats = ChatScheduler(bot, lock, config.chat_batch_size)
+    # Retrievals ride along with the decoding steps when both kinds are batched.
+    reads = config.batch_size if config.batch_size > 1 and config.chat_batch_size > 1 else 0
+    chats = ChatScheduler(bot, lock, config.chat_batch_size, max_reads=reads)
     app.state.batchers = {"retrieve": retrieve_queue, "caption": caption_queue}
     app.state.chats = chats
     app.add_middleware(
@@ -198,7 +200,10 @@ def create_app(bot: Fromage, config: ServeConfig | None = None) -> FastAPI:
         if body.text:
             prompt.append(body.text)
         check_prompt(prompt)
-        found = retrieve_queue.submit((prompt, body.k))[: body.k]
+        if chats.max_reads:
+            found = chats.retrieve(prompt, body.k)
+        else:
+            found = retrieve_queue.submit((prompt, body.k))[: body.k]
         return {"object": "list", "data": [image_json(f) for f in found]}
 
     @app.post("/v1/caption")

@@ -3,9 +3,15 @@
 A decoding step of the LM reads every weight once whatever the number of rows, so 16 chats
 cost little more per step than one. One worker thread owns an `AnswerBatch`: a new request
 joins it at the next step boundary (up to `max_batch` rows; the others wait in arrival order),
-each step runs under the model lock (retrieve/caption micro-batches get the model between
-steps), and every piece goes to its request at once. A request whose client left is dropped
-at the next boundary. Nothing here waits on a client: the worker only hands pieces over.
+each step runs under the model lock (caption micro-batches, and retrievals when they do not
+ride along, get the model between steps), and every piece goes to its request at once. A
+request whose client left is dropped at the next boundary. Nothing here waits on a client:
+the worker only hands pieces over.
+
+Where the batch can read (`AnswerBatch.can_read`: the lean batch decoder), retrievals ride
+along: up to `max_reads` waiting ones run in the next step's forward, with the decoding rows
+and the joining prompts, instead of a forward of their own (each forward costs ~55 ms on 2
+cores beyond its products; BENCHMARKS.md, issue #17).
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...pipeline import AnswerBatch, Ending, Fromage, PromptItem
+from ...pipeline import AnswerBatch, Ending, Fromage, PromptItem, RetrievedImage
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +47,21 @@ class ChatJob:
         self.cancelled.set()
 
 
+@dataclass
+class ReadJob:
+    """A retrieval that rides along with the next decoding step."""
+
+    prompt: Sequence[PromptItem]
+    k: int
+    result: Future = field(default_factory=Future)
+
+
 class ChatScheduler:
-    def __init__(self, bot: Fromage, lock: threading.Lock, max_batch: int):
+    def __init__(self, bot: Fromage, lock: threading.Lock, max_batch: int, max_reads: int = 0):
         self.bot, self.lock, self.max_batch = bot, lock, max(1, max_batch)
-        self.pending: queue.Queue[ChatJob] = queue.Queue()
+        self.max_reads = max_reads if AnswerBatch(bot).can_read else 0
+        """Retrievals one step takes along (0: they keep their own micro-batches)."""
+        self.pending: queue.Queue[ChatJob | ReadJob] = queue.Queue()
         self.steps = 0
         self.widest = 0
         """The most rows one step has decoded (the benchmark reports it)."""
@@ -55,21 +74,45 @@ class ChatScheduler:
         self.pending.put(job)
         return job
 
+    def retrieve(self, prompt: Sequence[PromptItem], k: int) -> list[RetrievedImage]:
+        """Run a retrieval in the next decoding step (needs `max_reads`); blocks until it has."""
+        if not self.max_reads:
+            raise ValueError("this scheduler does not take retrievals (max_reads is 0)")
+        job = ReadJob(prompt, k)
+        self.pending.put(job)
+        return job.result.result()
+
     def _loop(self) -> None:
         batch = AnswerBatch(self.bot)
         jobs: dict[int, ChatJob] = {}
+        reads: dict[int, ReadJob] = {}
+        chats_waiting: deque[ChatJob] = deque()
+        reads_waiting: deque[ReadJob] = deque()
+
+        def take(job: ChatJob | ReadJob) -> None:
+            (reads_waiting if isinstance(job, ReadJob) else chats_waiting).append(job)  # type: ignore[arg-type]
+
         while True:
-            waiting = [] if jobs else [self.pending.get()]  # idle: wait for a request
-            while len(jobs) + len(waiting) < self.max_batch:
+            if not (jobs or chats_waiting or reads_waiting):
+                take(self.pending.get())  # idle: wait for a request
+            while True:
                 try:
-                    waiting.append(self.pending.get_nowait())
+                    take(self.pending.get_nowait())
                 except queue.Empty:
                     break
-            self._admit(batch, jobs, waiting)
+            admit = [
+                chats_waiting.popleft() for _ in range(min(len(chats_waiting), self.max_batch - len(jobs)))
+            ]
+            self._admit(batch, jobs, admit)
+            self._admit_reads(
+                batch,
+                reads,
+                [reads_waiting.popleft() for _ in range(min(len(reads_waiting), self.max_reads))],
+            )
             for handle in [h for h, job in jobs.items() if job.cancelled.is_set()]:
                 batch.cancel(handle)
                 del jobs[handle]
-            if not jobs:
+            if not jobs and not reads:
                 continue
             try:
                 with self.lock:
@@ -78,11 +121,16 @@ class ChatScheduler:
                 log.exception("chat decoding step failed")
                 for job in jobs.values():
                     _hand_over(job, error)
-                batch, jobs = AnswerBatch(self.bot), {}
+                for read in reads.values():
+                    read.result.set_exception(error)
+                batch, jobs, reads = AnswerBatch(self.bot), {}, {}
                 continue
             self.steps += 1
             self.widest = max(self.widest, len(jobs))
             for handle, piece in events:
+                if handle in reads:
+                    reads.pop(handle).result.set_result(piece)
+                    continue
                 listener = jobs.get(handle)
                 if listener is None:
                     continue
@@ -117,6 +165,22 @@ class ChatScheduler:
             for handle, job in zip(handles, group, strict=True):
                 if handle >= 0:
                     jobs[handle] = job
+
+    def _admit_reads(self, batch: AnswerBatch, reads: dict[int, ReadJob], waiting: list[ReadJob]) -> None:
+        """Encode the waiting retrievals into the next step (a bad prompt fails alone)."""
+        if not waiting:
+            return
+        try:
+            with self.lock:
+                handles = batch.read([j.prompt for j in waiting], [j.k for j in waiting])
+            reads.update(zip(handles, waiting, strict=True))
+        except Exception:
+            for job in waiting:
+                try:
+                    with self.lock:
+                        reads.update(zip(batch.read([job.prompt], [job.k]), [job], strict=True))
+                except Exception as error:
+                    job.result.set_exception(error)
 
 
 def _hand_over(job: ChatJob, piece: Any) -> bool:
