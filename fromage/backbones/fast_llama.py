@@ -4,8 +4,10 @@ Decoding one token at a time on a CPU is bound by memory bandwidth and per-op ov
 Hugging Face layer stack spends ~35 ms a token (SmolLM2-135M, 2 cores) on Python and small ops
 beyond the weight reads. This step does the same arithmetic with fewer, larger ops: q/k/v and
 gate/up products fused into one matrix each, a preallocated key/value cache, the rotary embedding as one
-(hd × hd) product, fused RMSNorm, and no wrappers. Weights are kept in float32, bfloat16
-(`backbones/bf16_weights.py` explains why) or int8 (`backbones/int8_weights.py`).
+(hd × hd) product, fused RMSNorm, and no wrappers; the layer loop runs as TorchScript
+(`_scripted_layers`), so its ~1,000 op calls a token are dispatched from C++. Weights are kept
+in float32, bfloat16 (`backbones/bf16_weights.py` explains why) or int8
+(`backbones/int8_weights.py`).
 
 It is a fast path with a naive twin: `tests/test_fast_llama.py` checks it against the Hugging
 Face model token for token. Only plain Llama layers qualify (`supports`): no attention or MLP
@@ -14,6 +16,7 @@ bias, SiLU gating, RMSNorm; anything else keeps the Hugging Face path.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +39,18 @@ def supports(model: nn.Module) -> bool:
     return hasattr(getattr(model, "model", None), "layers")
 
 
+FLOAT, BF16, INT8 = 0, 1, 2
+"""How a product's weight is held (`Product.kind`), as the scripted step reads it."""
+
+
 class FloatProduct:
     """`x @ w.T` with w kept transposed, (in, out), in float32: the exact path."""
 
+    kind = FLOAT
+
     def __init__(self, weight: torch.Tensor):
         self.wt = weight.detach().float().t().contiguous()
+        self.held, self.scale = self.wt, torch.empty(0)
 
     @property
     def nbytes(self) -> int:
@@ -55,9 +65,12 @@ class BF16Product:
     weight faster than `mm` here (160 vs 192 µs for 3072×576, `bench/bandwidth.py`); up to
     `bf16_rows()` rows are a bf16 product, more upcast the weight (bf16_weights.py says why)."""
 
+    kind = BF16
+
     def __init__(self, weight: torch.Tensor):
         self.w = weight.detach().float().to(torch.bfloat16).contiguous()
         self.max_rows = bf16_rows()
+        self.held, self.scale = self.w, torch.empty(0)
 
     @property
     def nbytes(self) -> int:
@@ -138,6 +151,7 @@ class LlamaStepper:
         self.down: list[Product] = []
         self.norm1: list[torch.Tensor] = []
         self.norm2: list[torch.Tensor] = []
+        self._held: tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None = None
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.qkv.append(fused_product([attn.q_proj, attn.k_proj, attn.v_proj], dtype))
@@ -182,27 +196,92 @@ class LlamaStepper:
         pos = cache.length
         if pos >= cache.keys.shape[2]:
             raise ValueError(f"the static cache holds {cache.keys.shape[2]} tokens; it is full")
-        h, kv, hd, d = self.heads, self.kv_heads, self.head_dim, x.shape[-1]
-        group = h // kv
-        rotation = self._rotation(x, pos)
-        scale = hd**-0.5
-        selected = x
-        for i in range(self.layers):
-            qkv = self.qkv[i](torch.rms_norm(x, (d,), self.norm1[i], self.eps))  # (1, (h + 2kv)·hd)
-            qk = torch.mm(qkv[0, : (h + kv) * hd].view(h + kv, hd), rotation)  # (h + kv, hd), rotated
-            cache.keys[i, :, pos] = qk[h:]
-            cache.values[i, :, pos] = qkv[0, (h + kv) * hd :].view(kv, hd)
-            keys, values = cache.keys[i, :, : pos + 1], cache.values[i, :, : pos + 1]  # (kv, L, hd)
-            # Grouped-query attention of one query: query head j reads key/value head j // group.
-            scores = torch.bmm(qk[:h].view(kv, group, hd), keys.transpose(1, 2)).mul_(scale)  # (kv, group, L)
-            attn = torch.bmm(torch.softmax(scores, -1), values)  # (kv, group, hd)
-            x = x + self.out[i](attn.view(1, h * hd))
-            gate_up = self.gate_up[i](torch.rms_norm(x, (d,), self.norm2[i], self.eps))
-            x = x + self.down[i](F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
-            if i + 1 == self.ret_layer:
-                selected = x
+        if self._held is None:  # every product's tensors and kind, in layer order
+            products = [
+                p
+                for i in range(self.layers)
+                for p in (self.qkv[i], self.out[i], self.gate_up[i], self.down[i])
+            ]
+            self._held = ([p.held for p in products], [p.scale for p in products], [p.kind for p in products])
+        x, selected = _scripted_layers()(
+            x,
+            pos,
+            self._rotation(x, pos),
+            cache.keys,
+            cache.values,
+            *self._held,
+            self.norm1,
+            self.norm2,
+            [self.heads, self.kv_heads, self.head_dim, self.inter, self.ret_layer],
+            self.eps,
+        )
         cache.length = pos + 1
+        d = x.shape[-1]
         return (
             torch.rms_norm(x, (d,), self.norm_weight, self.eps),
             torch.rms_norm(selected, (d,), self.norm_weight, self.eps),
         )
+
+
+def _product(x: torch.Tensor, held: torch.Tensor, scale: torch.Tensor, kind: int) -> torch.Tensor:
+    """(1, in) float32 → (1, out) float32 through one `Product`'s tensors (FloatProduct,
+    BF16Product and Int8Product do the same for one row)."""
+    if kind == 2:  # INT8: int8 rows, bf16 scales
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), held, scale).float()
+    if kind == 1:  # BF16: (out, in)
+        return torch.mv(held, x[0].to(torch.bfloat16))[None].float()
+    return torch.mm(x, held)  # FLOAT: (in, out)
+
+
+def _layers(
+    x: torch.Tensor,
+    pos: int,
+    rotation: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    held: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    kinds: list[int],
+    norm1: list[torch.Tensor],
+    norm2: list[torch.Tensor],
+    sizes: list[int],
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer of the lean step for one token at position `pos`: → (last, `ret_layer`)
+    hidden, before the final norm. Products 4i … 4i+3 are layer i's q/k/v, output, gate/up and
+    down; keys/values (layers, kv heads, max_len, hd) gain column `pos`; `sizes` = heads, kv
+    heads, head dim, MLP width, ret_layer."""
+    h, kv, hd, inter, ret_layer = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]
+    d = x.shape[-1]
+    group = h // kv
+    scale = hd**-0.5
+    selected = x
+    for i in range(len(norm1)):
+        j = 4 * i
+        qkv = _product(
+            torch.rms_norm(x, [d], norm1[i], eps), held[j], scales[j], kinds[j]
+        )  # (1, (h + 2kv)·hd)
+        qk = torch.mm(qkv[0, : (h + kv) * hd].view(h + kv, hd), rotation)  # (h + kv, hd), rotated
+        keys[i, :, pos] = qk[h:]
+        values[i, :, pos] = qkv[0, (h + kv) * hd :].view(kv, hd)
+        k, v = keys[i, :, : pos + 1], values[i, :, : pos + 1]  # (kv, L, hd)
+        # Grouped-query attention of one query: query head j reads key/value head j // group.
+        scores = torch.bmm(qk[:h].view(kv, group, hd), k.transpose(1, 2)).mul_(scale)  # (kv, group, L)
+        attn = torch.bmm(torch.softmax(scores, -1), v)  # (kv, group, hd)
+        x = x + _product(attn.view(1, h * hd), held[j + 1], scales[j + 1], kinds[j + 1])
+        gate_up = _product(torch.rms_norm(x, [d], norm2[i], eps), held[j + 2], scales[j + 2], kinds[j + 2])
+        x = x + _product(
+            F.silu(gate_up[:, :inter]) * gate_up[:, inter:], held[j + 3], scales[j + 3], kinds[j + 3]
+        )
+        if i + 1 == ret_layer:
+            selected = x
+    return x, selected
+
+
+@functools.cache
+def _scripted_layers() -> Any:
+    """`_layers` compiled by TorchScript (once, on first use): the same ops, bit for bit, with
+    the ~1,000 per-token op calls dispatched from C++ rather than Python. Measured 2026-12-02
+    (int8 weights, 2 cores): 14.6–15.2 ms a step against 16.6–17.4 eager (BENCHMARKS.md,
+    issue #17). `torch.compile` of a layer did not help (same section)."""
+    return torch.jit.script(_layers)

@@ -46,11 +46,17 @@ class Int8Product:
     `max_rows` rows take the int8 kernel; more go through bf16 (`wide_bf16`) or the
     dequantised float32 weight (`for_this_cpu` picks both)."""
 
+    kind = 2  # fast_llama.INT8: how the scripted step multiplies it
+
     def __init__(self, weight: torch.Tensor, max_rows: int = 32, wide_bf16: bool = False):
         q, scale = quantize_rows(weight)
         self.q = q
         self.scale = scale.to(torch.bfloat16)
         self.max_rows, self.wide_bf16 = max_rows, wide_bf16
+
+    @property
+    def held(self) -> torch.Tensor:
+        return self.q
 
     @staticmethod
     def rows_for_this_cpu() -> tuple[int, bool]:
