@@ -6,13 +6,15 @@
 For each storage of the frozen weights, on the embedded default (SmolLM2-135M), after a
 32-token prompt:
 
-1. step: `LlamaStepper.step` as decoding calls it, ms per token (the output head not included);
-2. products alone: the same step's weight products (fused q/k/v, output, gate/up, down of
-   every layer), called back to back on the inputs they had in a real step: ms, and the bytes
-   they read ÷ that time;
-3. the rest alone: the step with every product replaced by its recorded output (no weight is
-   read): norms, rotary, cache writes, attention, activations, Python;
-4. interleaving: step − products − rest, what running the two together costs beyond their sum.
+1. step: `LlamaStepper.step` as decoding calls it (its layers as TorchScript), ms per token
+   (the output head not included); and the same layers run as plain Python;
+2. products alone: the step's weight products (fused q/k/v, output, gate/up, down of every
+   layer), called back to back on the inputs they had in a real step: ms, and the bytes they
+   read ÷ that time;
+3. the rest alone: the plain-Python step with every product replaced by its recorded output
+   (no weight is read): norms, rotary, cache writes, attention, activations, Python;
+4. interleaving: plain-Python step − products − rest, what running the two together costs
+   beyond their sum.
 
 Best of `--rounds`, each of `--tokens` steps; the triad of `bench/bandwidth.py` first, the load
 average recorded before each part.
@@ -29,32 +31,10 @@ from typing import Any
 import torch
 from bandwidth import _model, triad_bandwidth
 
+from fromage.backbones import fast_llama
+
 
 PROMPT_TOKENS = 32
-
-
-class _Recorded:
-    """A product that remembers its last input and output (to replay either alone)."""
-
-    def __init__(self, product: Any):
-        self.product = product
-        self.nbytes = product.nbytes
-        self.x = self.out = torch.empty(0)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.x = x.clone()
-        self.out = self.product(x)
-        return self.out
-
-
-class _Canned:
-    """A product that reads no weight: it returns what the real one returned."""
-
-    def __init__(self, recorded: _Recorded):
-        self.out = recorded.out
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out
 
 
 def _best(fn: Callable[[], None], tokens: int, rounds: int) -> float:
@@ -70,40 +50,59 @@ def _best(fn: Callable[[], None], tokens: int, rounds: int) -> float:
 
 
 def anatomy(kind: str, tokens: int, rounds: int) -> dict[str, float]:
+    """The step as decoding runs it (TorchScript), then the same layers as plain Python with
+    `fast_llama._product` swapped: recorded, replayed alone, and canned (no weight read)."""
     model = _model("", kind)
     lm, stepper = model.lm, model.lm.stepper
-    names = ("qkv", "out", "gate_up", "down")
+    real_product, scripted = fast_llama._product, fast_llama._scripted_layers
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]] = []
+
+    def recording(x: torch.Tensor, held: torch.Tensor, scale: torch.Tensor, kind: int) -> torch.Tensor:
+        out = real_product(x, held, scale, kind)
+        calls.append((x.clone(), held, scale, kind, out))
+        return out
+
+    canned = iter(())
+
+    def replaying(x: torch.Tensor, held: torch.Tensor, scale: torch.Tensor, kind: int) -> torch.Tensor:
+        return next(canned)
+
     with torch.no_grad():
         prompt = torch.tensor([[1, *range(100, 100 + PROMPT_TOKENS - 1)]])
         cache = lm.model(input_ids=prompt, use_cache=True).past_key_values
         x = lm.embed(torch.tensor([[200]]))[0].float()  # (1, d)
-        state = stepper.start(cache, PROMPT_TOKENS, PROMPT_TOKENS + (rounds + 1) * tokens + 2)
+        state = stepper.start(cache, PROMPT_TOKENS, PROMPT_TOKENS + 3 * (rounds + 1) * tokens + 2)
 
         def step() -> None:
             stepper.step(x, state)
 
         load = os.getloadavg()[0]
         full = _best(step, tokens, rounds)
-        real = {name: getattr(stepper, name) for name in names}
-        recorded = {name: [_Recorded(p) for p in products] for name, products in real.items()}
-        for name in names:
-            setattr(stepper, name, recorded[name])
-        step()  # every product records its input and output once
-        order = [recorded[name][i] for i in range(stepper.layers) for name in names]
+        fast_llama._scripted_layers = lambda: fast_llama._layers  # type: ignore[assignment]
+        try:
+            eager = _best(step, tokens, rounds)
+            fast_llama._product = recording
+            step()  # every product records its input and output once
+            fast_llama._product = real_product
 
-        def products() -> None:
-            for r in order:
-                r.product(r.x)
+            def products() -> None:
+                for x_in, held, scale, k, _ in calls:
+                    real_product(x_in, held, scale, k)
 
-        alone = _best(products, tokens, rounds)
-        for name in names:
-            setattr(stepper, name, [_Canned(r) for r in recorded[name]])
-        state.length = PROMPT_TOKENS  # the same attention lengths as the timed steps
-        rest = _best(step, tokens, rounds)
-        for name in names:
-            setattr(stepper, name, real[name])
-    weight_bytes = sum(r.nbytes for r in order)
-    return {"load": load, "step": full, "products": alone, "rest": rest, "bytes": weight_bytes}
+            alone = _best(products, tokens, rounds)
+
+            def canned_step() -> None:
+                nonlocal canned
+                canned = iter([out for *_, out in calls])
+                step()
+
+            fast_llama._product = replaying
+            state.length = PROMPT_TOKENS  # the same attention lengths as the timed steps
+            rest = _best(canned_step, tokens, rounds)
+        finally:
+            fast_llama._product, fast_llama._scripted_layers = real_product, scripted
+    weight_bytes = sum(held.numel() * held.element_size() + scale.numel() * 2 for _, held, scale, _, _ in calls)
+    return {"load": load, "step": full, "eager": eager, "products": alone, "rest": rest, "bytes": weight_bytes}
 
 
 def main() -> None:
@@ -119,17 +118,17 @@ def main() -> None:
         f"triad: {bandwidth / 1e9:.2f} GB/s ({torch.get_num_threads()} threads; load average before {load:.2f})"
     )
     print(
-        "\n| LM weights | load before | step (ms) | products alone (ms, GB/s) | rest alone (ms) "
-        "| interleaving (ms) | products ÷ triad time |"
+        "\n| LM weights | load before | step (ms) | step as plain Python (ms) | products alone (ms, GB/s) "
+        "| rest alone (ms) | interleaving (ms) | products ÷ triad time |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for kind in args.lm_weights.split(","):
         a = anatomy(kind, args.tokens, args.rounds)
-        ms = {k: a[k] * 1e3 for k in ("step", "products", "rest")}
-        interleaving = ms["step"] - ms["products"] - ms["rest"]
+        ms = {k: a[k] * 1e3 for k in ("step", "eager", "products", "rest")}
+        interleaving = ms["eager"] - ms["products"] - ms["rest"]
         triad_ms = a["bytes"] / bandwidth * 1e3
         print(
-            f"| {kind} | {a['load']:.2f} | {ms['step']:.1f} | {ms['products']:.1f} "
+            f"| {kind} | {a['load']:.2f} | {ms['step']:.1f} | {ms['eager']:.1f} | {ms['products']:.1f} "
             f"({a['bytes'] / a['products'] / 1e9:.1f} GB/s) | {ms['rest']:.1f} | {interleaving:.1f} "
             f"| {triad_ms / ms['products']:.2f} |"
         )
