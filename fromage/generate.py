@@ -290,6 +290,7 @@ class LeanBatchDecoder:
         self.model, self.special = model, special
         self.engine = LlamaBatchStepper(model.lm.stepper)
         self.cache = self.engine.new_cache()
+        self._idle_size = self.cache.keys.numel()
         self.rows: dict[int, _LeanRow] = {}
         self.reading: dict[int, _LeanRow] = {}
         """Prompts whose `[RET]` state is all that is wanted (`read`), until their step."""
@@ -355,11 +356,17 @@ class LeanBatchDecoder:
         """Drop a row (a stop string, a client that left): its slot is free at once."""
         self.rows.pop(handle, None)
 
-    @torch.no_grad()
     def step(self) -> tuple[list[tuple[int, Step]], list[int]]:
         """One token for every row whose prompt has run, and the prompts of rows that joined:
         → ((handle, Step) of the rows that produced a token, handles of the rows that ended
         at this step: EOS, or their `max_new_tokens` reached)."""
+        result = self._step()
+        if not self.running and self.cache.keys.numel() > self._idle_size:
+            self.cache = self.engine.new_cache()  # a burst of long rows does not keep its memory
+        return result
+
+    @torch.no_grad()
+    def _step(self) -> tuple[list[tuple[int, Step]], list[int]]:
         from .backbones.batch_llama import Chunk
 
         ended = [

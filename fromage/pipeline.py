@@ -372,16 +372,16 @@ class AnswerBatch:
             self._rows[handle] = _AnswerRow(config, _AnswerText(self.bot.tokenizer, config.stop), exclude)
         return handles
 
-    @property
-    def can_read(self) -> bool:
-        """Whether retrievals can run inside the decoding steps (`read`): on the lean batch
-        decoder, with an index to search."""
-        return isinstance(self.decoder, LeanBatchDecoder) and self.bot.index is not None
+    @staticmethod
+    def reads(bot: Fromage) -> bool:
+        """Whether an `AnswerBatch` of `bot` runs retrievals inside its decoding steps (`read`):
+        on the lean batch decoder, with an index to search."""
+        return bot.model.lm.stepper is not None and bot.index is not None
 
     def read(self, prompts: Sequence[Sequence[PromptItem]], ks: Sequence[int]) -> list[int]:
         """Retrievals (`Fromage.retrieve`) that run in the next step's forward with the rows
         being decoded; each one's top `ks[i]` images come out of that `step` as
-        (handle, list[RetrievedImage]). Needs `can_read`."""
+        (handle, list[RetrievedImage]). Needs `AnswerBatch.reads(bot)`."""
         if not isinstance(self.decoder, LeanBatchDecoder) or self.bot.index is None:
             raise ValueError("reading in the decoding steps needs the lean batch decoder and an index")
         encoded = [self.bot.encode(p) for p in prompts]

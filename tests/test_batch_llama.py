@@ -97,3 +97,18 @@ def test_reads_run_with_the_decoding_rows_and_give_the_ret_states_of_their_promp
     assert {r.slot for r in mixed.rows.values()} == {0, 1}
     assert mixed.read([[1, 12]], [None]) == [handles[-1] + 1]
     assert mixed.reading[handles[-1] + 1].slot == 2  # the lowest free slot
+
+
+def test_the_slot_cache_grows_for_a_burst_and_is_given_back_when_the_batch_drains(special):
+    from fromage.generate import GenerationConfig
+
+    model = _lean_model()
+    decoder = LeanBatchDecoder(model, special)
+    idle = decoder.cache.keys.shape
+    config = GenerationConfig(max_new_tokens=2, ret_scale_factor=0)
+    decoder.add([[1, *[5, 6, 7] * 99]] + [[1, 5]] * 5, [None] * 6, [config] * 6)  # 6 slots, 298 columns
+    decoder.step()
+    assert decoder.cache.slots == 8 and decoder.cache.capacity == 512
+    while decoder.running:
+        decoder.step()
+    assert decoder.cache.keys.shape == idle

@@ -171,6 +171,11 @@ def test_a_rebuild_keeps_settings_it_was_given_and_rederives_defaults(monkeypatc
     for index, pq_bytes, rerank in ((given, 2, 3), (default, 8, 20)):
         params = index.extend(data[2_000:], _meta(4_000, start=2_000)).manifest.params
         assert (params["trained_for"], params["pq_bytes"], params["rerank"]) == (6_000, pq_bytes, rerank)
+    # A manifest written before `chosen` was recorded, with an old default of 12: derived anew
+    # (it used to be kept, as it differed from the default of its day's code).
+    given.manifest.params["rerank"], given.manifest.chosen = 12, None
+    params = given.extend(data[2_000:], _meta(4_000, start=2_000)).manifest.params
+    assert (params["pq_bytes"], params["rerank"]) == (8, 20)
 
 
 def test_extend_names_what_does_not_fit():

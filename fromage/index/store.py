@@ -78,6 +78,10 @@ class Manifest:
     """FAISS build settings (`nlist`, `pq_bytes`, `train_rows`, and `trained_for`: the rows there
     were when the lists were trained) and search settings (`nprobe`;
     `rerank`: candidates re-scored exactly per wanted result, 0 = none)."""
+    chosen: list[str] | None = None
+    """The `params` given at build rather than derived (a growing index rebuilt keeps its given
+    code size and re-ranking depth); None in manifests written before this was recorded, whose
+    settings are all derived anew."""
     recall: dict[str, float] | None = None
     """`{"k", "queries", "recall"}`: recall@k against exact search, measured at build on
     indexed rows used as queries (each query's own row left out of both lists). None for
@@ -177,7 +181,13 @@ class ImageIndex:
             raise ValueError(f"{embeddings.shape[0]} embeddings but {len(metadata)} metadata rows")
         index, resolved, params = ann.build_faiss(embeddings, index_type, **(options or {}))
         manifest = Manifest(
-            encoder_id, checkpoint_digest, int(embeddings.shape[1]), len(metadata), resolved, params=params
+            encoder_id,
+            checkpoint_digest,
+            int(embeddings.shape[1]),
+            len(metadata),
+            resolved,
+            params=params,
+            chosen=sorted(options or {}),
         )
         # Rows of a file (parsed when read) are kept as they are: no 10M dicts in RAM.
         rows = metadata if isinstance(metadata, (JsonlRows, ChainedRows)) else list(metadata)
@@ -232,15 +242,11 @@ class ImageIndex:
         trained_for = int(self.manifest.params.get("trained_for", len(self)))
         if wanted != current or (current in ("ivf", "ivfpq") and total > 2 * trained_for):
             # Settings derived from the size are derived anew; a code size or re-ranking depth
-            # that an ivfpq index was given (not its default then) is kept.
+            # that an ivfpq index was given at build is kept.
             options = {}
             if wanted == current == "ivfpq":
-                defaults = {"pq_bytes": ann.default_pq_bytes(dim), "rerank": ann.default_rerank(trained_for)}
-                options = {
-                    name: int(self.manifest.params[name])
-                    for name, default in defaults.items()
-                    if self.manifest.params.get(name, default) != default
-                }
+                given = set(self.manifest.chosen or ()) & {"pq_bytes", "rerank"}
+                options = {name: int(self.manifest.params[name]) for name in sorted(given)}
             return ImageIndex.build(
                 rows, meta, self.manifest.encoder_id, self.manifest.checkpoint_digest, wanted, options or None
             )
@@ -255,6 +261,7 @@ class ImageIndex:
             total,
             current,
             params=dict(self.manifest.params),
+            chosen=self.manifest.chosen,
         )
         extended = ImageIndex(manifest, rows, meta, grown)
         if current != "flat" and total > 1:

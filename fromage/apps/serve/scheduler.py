@@ -8,7 +8,7 @@ ride along, get the model between steps), and every piece goes to its request at
 request whose client left is dropped at the next boundary. Nothing here waits on a client:
 the worker only hands pieces over.
 
-Where the batch can read (`AnswerBatch.can_read`: the lean batch decoder), retrievals ride
+Where the batch can read (`AnswerBatch.reads`: the lean batch decoder), retrievals ride
 along: up to `max_reads` waiting ones run in the next step's forward, with the decoding rows
 and the joining prompts, instead of a forward of their own (each forward costs ~55 ms on 2
 cores beyond its products; BENCHMARKS.md, issue #17).
@@ -59,7 +59,7 @@ class ReadJob:
 class ChatScheduler:
     def __init__(self, bot: Fromage, lock: threading.Lock, max_batch: int, max_reads: int = 0):
         self.bot, self.lock, self.max_batch = bot, lock, max(1, max_batch)
-        self.max_reads = max_reads if AnswerBatch(bot).can_read else 0
+        self.max_reads = max_reads if AnswerBatch.reads(bot) else 0
         """Retrievals one step takes along (0: they keep their own micro-batches)."""
         self.pending: queue.Queue[ChatJob | ReadJob] = queue.Queue()
         self.steps = 0
