@@ -11,7 +11,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from .config import WEIGHT_STORAGES, ChatConfig, TrainConfig, load_json, to_dict
+from .config import (
+    FEATURE_BATCH_SIZE,
+    MAX_BAD_FRACTION,
+    WEIGHT_STORAGES,
+    ChatConfig,
+    TrainConfig,
+    load_json,
+    to_dict,
+)
 from .training.recipes import RECIPES, recipe
 
 S = TypeVar("S")
@@ -385,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: flat up to 100k images, hnsw up to 1M, ivfpq above (docs/scale.md)",
     )
     p.add_argument("--image-dir", default=None, help="where relative image paths of a TSV/JSONL resolve")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01)
+    p.add_argument("--max-bad-fraction", type=float, default=MAX_BAD_FRACTION)
     p.add_argument("--device", default="cpu")
     p = sub.add_parser(
         "features",
@@ -405,10 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default=None, help="or an encoder name: efficientnet-lite0, an HF model")
     p.add_argument("--image-size", type=int, default=0, help="encoder input side (default: the checkpoint's)")
     p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=FEATURE_BATCH_SIZE)
     p.add_argument("--views", type=int, default=0, help="augmented views too (training's data.augment_views)")
     p.add_argument("--image-dir", default=None, help="where relative image paths of a TSV/JSONL resolve")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01)
+    p.add_argument("--max-bad-fraction", type=float, default=MAX_BAD_FRACTION)
     p.add_argument("--device", default="cpu", help="cpu, cuda (workers spread over GPUs), cuda:N")
     p = sub.add_parser("retrieve", help="text and/or images + [RET] → the best images of an index")
     p.add_argument("texts", nargs="*", help="queries (each with the --image prompts); one model load for all")

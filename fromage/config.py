@@ -25,6 +25,12 @@ WEIGHT_STORAGES: tuple[str, ...] = get_args(WeightStorage)
 
 T = TypeVar("T")
 
+MAX_BAD_FRACTION = 0.01
+"""Share of a collection's rows that may be unreadable before training, indexing, feature
+extraction or evaluation stops with an error (the default everywhere)."""
+FEATURE_BATCH_SIZE = 32
+"""Images the frozen encoder takes at once (`fromage features`, evaluation)."""
+
 # Names that resolve to the offline defaults shipped through package registries (DESIGN §7).
 EMBEDDED_LM = "smollm2-135m"
 EMBEDDED_ENCODER = "efficientnet-lite0"
@@ -125,7 +131,7 @@ class DataConfig:
     image_dir: str = ""
     """Directory that relative image paths of TSV/JSONL files resolve against (default: the file's)."""
     max_caption_tokens: int = 24
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: float = MAX_BAD_FRACTION
     """Stop with an error when more than this share of examples is unreadable."""
     heldout_concept_fraction: float = 0.1
     """Emoji concepts never trained on (held out for evaluation)."""

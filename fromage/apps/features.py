@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..config import EncoderConfig
+from ..config import FEATURE_BATCH_SIZE, MAX_BAD_FRACTION, EncoderConfig
 from ..data.examples import Example
 from ..data.readers import BadInputLog
 from ..data.shards import is_shard_source, read_shard, shard_paths
@@ -83,10 +83,10 @@ def extract_collection(
     source: str,
     encoder: EncoderConfig,
     num_processes: int = 1,
-    batch_size: int = 32,
+    batch_size: int = FEATURE_BATCH_SIZE,
     views: int = 0,
     image_dir: str | None = None,
-    max_bad_fraction: float = 0.01,
+    max_bad_fraction: float = MAX_BAD_FRACTION,
     device: str = "cpu",
 ) -> FeaturesReport:
     """Fill the feature cache for every image of `source` (view 0, plus `views` augmented

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..checkpoint import checkpoint_digest
+from ..config import MAX_BAD_FRACTION
 from ..data.digest import file_digest
 from ..data.examples import Example
 from ..data.readers import BadInputLog
@@ -58,7 +59,7 @@ def index_collection(
     out_dir: str | Path,
     image_dir: str | None = None,
     index_type: str = "auto",
-    max_bad_fraction: float = 0.01,
+    max_bad_fraction: float = MAX_BAD_FRACTION,
     device: str = "cpu",
     model: FromageModel | None = None,
 ) -> IndexReport:

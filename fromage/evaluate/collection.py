@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import MAX_BAD_FRACTION
 from ..data.readers import BadInputLog, TooManyBadInputs, read_collection
 from ..generate import greedy_captions
 from ..metrics import masked_recall_at_k
@@ -33,7 +34,7 @@ def evaluate_collection(
     path: str | Path,
     image_dir: str | Path | None = None,
     captions: bool = True,
-    max_bad_fraction: float = 0.01,
+    max_bad_fraction: float = MAX_BAD_FRACTION,
 ) -> tuple[TaskResult, list[dict[str, object]]]:
     """→ the table and, per image, its generated caption and references. Stops (naming the
     first problems) when more than `max_bad_fraction` of the rows are malformed or their images
