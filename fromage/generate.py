@@ -280,7 +280,10 @@ class LeanBatchDecoder:
     and the whole prompt of every row that joined since the last step. A row's keys/values
     live in a slot of its own, from column 0: joining takes a free slot, leaving frees it,
     and nothing is copied. A joining row's first token comes at the step after its prompt
-    ran. Same interface and the same tokens as `BatchDecoder` (tested against `decode`)."""
+    ran. Same interface and the same tokens as `BatchDecoder` (tested against `decode` with
+    float32 weights). With bf16 or int8 weights the products pick their kernel by the step's
+    row count (int8: its own kernel up to 16 rows, bf16 above), so a row's rounding, and on a
+    near-tie its token, can depend on what else the step carries."""
 
     def __init__(self, model: FromageModel, special: SpecialTokens):
         from .backbones.batch_llama import LlamaBatchStepper
@@ -289,8 +292,7 @@ class LeanBatchDecoder:
             raise ValueError("the lean batch decoder needs the lean Llama step (model.lm.stepper)")
         self.model, self.special = model, special
         self.engine = LlamaBatchStepper(model.lm.stepper)
-        self.cache = self.engine.new_cache()
-        self._idle_size = self.cache.keys.numel()
+        self.cache = self.engine.new_cache(limit=model.lm.max_positions or 0)
         self.rows: dict[int, _LeanRow] = {}
         self.reading: dict[int, _LeanRow] = {}
         """Prompts whose `[RET]` state is all that is wanted (`read`), until their step."""
@@ -353,16 +355,19 @@ class LeanBatchDecoder:
         ]
 
     def end(self, handle: int) -> None:
-        """Drop a row (a stop string, a client that left): its slot is free at once."""
+        """Drop a row or a pending read (a stop string, a client that left): its slot is free at once."""
         self.rows.pop(handle, None)
+        self.reading.pop(handle, None)
 
     def step(self) -> tuple[list[tuple[int, Step]], list[int]]:
         """One token for every row whose prompt has run, and the prompts of rows that joined:
         → ((handle, Step) of the rows that produced a token, handles of the rows that ended
         at this step: EOS, or their `max_new_tokens` reached)."""
         result = self._step()
-        if not self.running and self.cache.keys.numel() > self._idle_size:
-            self.cache = self.engine.new_cache()  # a burst of long rows does not keep its memory
+        # A burst of long or many rows does not keep its memory once it has passed.
+        rows = [*self.rows.values(), *self.reading.values()]
+        used = max((r.length + (0 if r.prompt is None else r.prompt.shape[0]) for r in rows), default=0)
+        self.cache.fit(1 + max((r.slot for r in rows), default=-1), used)
         return result
 
     @torch.no_grad()

@@ -429,10 +429,10 @@ class AnswerBatch:
             reason = "length" if row.steps >= row.config.max_new_tokens else "stop"
             out.append((handle, Ending(reason, row.steps)))
         if isinstance(self.decoder, LeanBatchDecoder):
-            for handle, state in self.decoder.states.items():
+            states, self.decoder.states = self.decoder.states, {}  # taken even if a search fails
+            for handle, state in states.items():
                 k, exclude = self._reads.pop(handle)
                 out.append((handle, self.bot._search(state, k, exclude)))
-            self.decoder.states.clear()
         return out
 
 

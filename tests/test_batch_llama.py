@@ -99,16 +99,26 @@ def test_reads_run_with_the_decoding_rows_and_give_the_ret_states_of_their_promp
     assert mixed.reading[handles[-1] + 1].slot == 2  # the lowest free slot
 
 
-def test_the_slot_cache_grows_for_a_burst_and_is_given_back_when_the_batch_drains(special):
+def test_the_slot_cache_grows_for_a_burst_and_gives_memory_back_after_it(special):
     from fromage.generate import GenerationConfig
 
-    model = _lean_model()
-    decoder = LeanBatchDecoder(model, special)
-    idle = decoder.cache.keys.shape
+    model = _lean_model()  # a context of 128 positions
+    never = type(special)(special.bos, model.ret_token_id, special.pad)  # no row ends by itself
+    decoder = LeanBatchDecoder(model, never)
+    decoder.cache = decoder.engine.new_cache(slots=2, capacity=16, limit=128)
     config = GenerationConfig(max_new_tokens=2, ret_scale_factor=0)
-    decoder.add([[1, *[5, 6, 7] * 99]] + [[1, 5]] * 5, [None] * 6, [config] * 6)  # 6 slots, 298 columns
+    decoder.add([[1, *[5, 6, 7] * 33]] + [[1, 5]] * 5, [None] * 6, [config] * 6)  # 6 slots, 100 columns
     decoder.step()
-    assert decoder.cache.slots == 8 and decoder.cache.capacity == 512
+    assert decoder.cache.slots == 8 and decoder.cache.capacity == 100
     while decoder.running:
         decoder.step()
-    assert decoder.cache.keys.shape == idle
+    assert (decoder.cache.slots, decoder.cache.capacity) == (4, 32)  # twice the starting size
+    # Under load too: a long row passes while short ones go on; once the cache holds more than
+    # 4× what the short rows use, it shrinks.
+    decoder.add([[1, 5]] * 2, [None] * 2, [GenerationConfig(max_new_tokens=20, ret_scale_factor=0)] * 2)
+    decoder.add([[1, *[5, 6, 7] * 33]], [None], [GenerationConfig(max_new_tokens=1, ret_scale_factor=0)])
+    decoder.step()
+    assert decoder.cache.capacity == 100
+    for _ in range(3):
+        decoder.step()
+    assert decoder.running == 2 and decoder.cache.capacity == 32

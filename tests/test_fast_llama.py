@@ -108,3 +108,18 @@ def test_two_interleaved_decodes_on_one_model_do_not_share_a_cache(special):
         together[0].append(a.token_id)
         together[1].append(b.token_id)
     assert alone[0] != alone[1] and together == [alone[0][: len(together[0])], alone[1][: len(together[1])]]
+
+
+def test_the_lean_step_runs_eagerly_where_torchscript_cannot_compile_it(monkeypatch):
+    from fromage.backbones import fast_llama
+
+    def refuse(fn):
+        raise OSError("no source")
+
+    fast_llama._scripted_layers.cache_clear()
+    monkeypatch.setattr(torch.jit, "script", refuse)
+    try:
+        with pytest.warns(UserWarning, match="runs eagerly.*no source"):
+            assert fast_llama._scripted_layers() is fast_llama._layers
+    finally:
+        fast_llama._scripted_layers.cache_clear()

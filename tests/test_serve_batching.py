@@ -134,3 +134,28 @@ def test_retrievals_ride_along_with_the_lean_decoding_steps(bot):  # noqa: F811
         assert [_content(c) for c in chats] == [_content(a) for a in alone]
     finally:
         fromage.model.lm.stepper = None
+
+
+def test_a_retrieval_in_a_failed_step_hears_of_it(bot, monkeypatch):  # noqa: F811
+    import torch
+
+    from fromage.apps.serve.scheduler import ChatScheduler
+    from fromage.pipeline import AnswerBatch
+
+    fromage, _ = bot
+    assert fromage.model.lm.enable_fast_decode(fromage.model.config.ret_layer, torch.float32)
+    try:
+        scheduler = ChatScheduler(fromage, threading.Lock(), max_batch=4, max_reads=4)
+
+        def broken(self):
+            raise RuntimeError("out of memory, say")
+
+        monkeypatch.setattr(AnswerBatch, "step", broken)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            scheduler.retrieve(["a red circle"], 2)
+        monkeypatch.undo()
+        assert [f.row for f in scheduler.retrieve(["a red circle"], 2)] == [
+            f.row for f in fromage.retrieve(["a red circle"], k=2)
+        ]  # the next batch serves again
+    finally:
+        fromage.model.lm.stepper = None

@@ -17,6 +17,7 @@ bias, SiLU gating, RMSNorm; anything else keeps the Hugging Face path.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -284,4 +285,8 @@ def _scripted_layers() -> Any:
     the ~1,000 per-token op calls dispatched from C++ rather than Python. Measured 2026-12-02
     (int8 weights, 2 cores): 14.6–15.2 ms a step against 16.6–17.4 eager (BENCHMARKS.md,
     issue #17). `torch.compile` of a layer did not help (same section)."""
-    return torch.jit.script(_layers)
+    try:
+        return torch.jit.script(_layers)
+    except Exception as error:  # e.g. an install without .py sources: the same layers, eager
+        warnings.warn(f"the lean step runs eagerly: TorchScript could not compile it ({error})", stacklevel=2)
+        return _layers
