@@ -320,6 +320,7 @@ class LeanBatchDecoder:
         """Give `row` the lowest free slot and a handle."""
         taken = {r.slot for r in (*self.rows.values(), *self.reading.values())}
         row.slot = next(i for i in range(len(taken) + 1) if i not in taken)
+        self.cache.clear(row.slot)
         rows[self._next_handle] = row
         self._next_handle += 1
         return self._next_handle - 1

@@ -122,3 +122,30 @@ def test_the_slot_cache_grows_for_a_burst_and_gives_memory_back_after_it(special
     for _ in range(3):
         decoder.step()
     assert decoder.running == 2 and decoder.cache.capacity == 32
+
+
+def test_a_slot_is_cleared_for_its_next_sequence(special):
+    """Whatever a sequence left in its slot (here NaN, as an overflowing model might) does not
+    reach the next one, even where a longer row makes it read past its own columns."""
+    from fromage.generate import GenerationConfig
+
+    model = _lean_model()
+    never = type(special)(special.bos, model.ret_token_id, special.pad)
+    config = GenerationConfig(max_new_tokens=4, ret_scale_factor=0)
+
+    def tokens(poison: bool) -> list[int]:
+        decoder = LeanBatchDecoder(model, never)
+        decoder.add([[1, *[5, 6] * 20]], [None], [GenerationConfig(max_new_tokens=1, ret_scale_factor=0)])
+        while decoder.running:
+            decoder.step()  # slot 0 held 41+ columns and is free again
+        if poison:
+            decoder.cache.keys[:, 0, :, :40] = float("nan")
+            decoder.cache.values[:, 0, :, :40] = float("nan")
+        short = decoder.add([[1, 7]], [None], [config])[0]  # slot 0 again
+        decoder.add([[1, *[8, 9] * 15]], [None], [config])  # slot 1: makes slot 0 read 30+ columns
+        got = []
+        while decoder.running:
+            got += [s.token_id for h, s in decoder.step()[0] if h == short]
+        return got
+
+    assert tokens(poison=True) == tokens(poison=False) and len(tokens(poison=False)) == 4

@@ -50,6 +50,8 @@ class SlotCache:
         self, layers: int, kv_heads: int, head_dim: int, slots: int = 4, capacity: int = 256, limit: int = 0
     ):
         self.keys, self.values = self._zeros(layers, kv_heads, head_dim, slots, capacity)
+        self.filled = [0] * slots
+        """Columns each slot has written (what `clear` zeroes)."""
         self.least = (slots, capacity)
         """The size `fit` never goes below."""
         self.limit = limit
@@ -77,6 +79,15 @@ class SlotCache:
         keys[:, :s, :, :c] = self.keys[:, :s, :, :c]
         values[:, :s, :, :c] = self.values[:, :s, :, :c]
         self.keys, self.values = keys, values
+        self.filled = [min(f, columns) for f in self.filled[:slots]] + [0] * max(0, slots - len(self.filled))
+
+    def clear(self, slot: int) -> None:
+        """Zero what a slot's last sequence wrote, before another takes it: a new sequence reads
+        (with weight 0) the columns other rows reach, and 0 × a non-finite left there is NaN."""
+        if slot < self.slots and self.filled[slot]:
+            self.keys[:, slot, :, : self.filled[slot]] = 0
+            self.values[:, slot, :, : self.filled[slot]] = 0
+            self.filled[slot] = 0
 
     def reserve(self, slots: int, columns: int) -> None:
         """Room for slots 0 … slots-1 and columns 0 … columns-1 (the filled part is kept)."""
@@ -142,6 +153,8 @@ class LlamaBatchStepper:
             raise ValueError("every chunk needs at least one token")
         h, kv, hd, d = s.heads, s.kv_heads, s.head_dim, x.shape[-1]
         cache.reserve(1 + max(c.slot for c in chunks), max(c.start + c.count for c in chunks))
+        for c in chunks:
+            cache.filled[c.slot] = max(cache.filled[c.slot], c.start + c.count)
         slot_of = torch.cat([torch.full((c.count,), c.slot) for c in chunks])
         positions = torch.cat([torch.arange(c.start, c.start + c.count) for c in chunks])
         first = [sum(c.count for c in chunks[:i]) for i in range(len(chunks))]  # each chunk's first row of x
