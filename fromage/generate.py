@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .backbones.batch_llama import Chunk, LlamaBatchStepper
 from .backbones.growing_cache import growing
 from .config import GenerationConfig
 from .embed import padded_forward
@@ -286,8 +287,6 @@ class LeanBatchDecoder:
     near-tie its token, can depend on what else the step carries."""
 
     def __init__(self, model: FromageModel, special: SpecialTokens):
-        from .backbones.batch_llama import LlamaBatchStepper
-
         if model.lm.stepper is None:
             raise ValueError("the lean batch decoder needs the lean Llama step (model.lm.stepper)")
         self.model, self.special = model, special
@@ -373,8 +372,6 @@ class LeanBatchDecoder:
 
     @torch.no_grad()
     def _step(self) -> tuple[list[tuple[int, Step]], list[int]]:
-        from .backbones.batch_llama import Chunk
-
         ended = [
             h for h, r in self.rows.items() if r.prompt is None and r.produced >= r.config.max_new_tokens
         ]
